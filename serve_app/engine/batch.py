@@ -1,0 +1,94 @@
+"""The running batch's KV cache: rows join (left-padded) and leave between decode steps."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+def _pad_left(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
+    if amount == 0:
+        return tensor
+    # F.pad lists (left, right) pairs from the last dimension backwards.
+    pad = [0, 0] * (tensor.dim() - 1 - dim) + [amount, 0]
+    return F.pad(tensor, pad)
+
+
+class BatchCache:
+    """KV cache and attention mask of the rows now decoding, one row per request.
+
+    Every row keeps its real tokens right-aligned; the mask hides the left padding, so a new
+    request can join with a prompt of any length and a finished one can leave at any step.
+    """
+
+    __slots__ = ("cache", "attention_mask")
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.attention_mask: torch.Tensor | None = None  # [rows, kv_len], 1 = real token
+
+    @property
+    def num_rows(self) -> int:
+        return 0 if self.attention_mask is None else int(self.attention_mask.shape[0])
+
+    def append_row(self, row_cache: DynamicCache, row_len: int) -> None:
+        """Adds a freshly prefilled single-row cache as the last row."""
+        row_mask = torch.ones((1, row_len), dtype=torch.long, device=_device(row_cache))
+        if self.cache is None or self.attention_mask is None:
+            self.cache, self.attention_mask = row_cache, row_mask
+            return
+        batch_len = int(self.attention_mask.shape[1])
+        kv_len = max(batch_len, row_len)
+        layers = []
+        for old, new in zip(self.cache.layers, row_cache.layers, strict=True):
+            keys = torch.cat(
+                [_pad_left(old.keys, kv_len - batch_len, 2), _pad_left(new.keys, kv_len - row_len, 2)]
+            )
+            values = torch.cat(
+                [
+                    _pad_left(old.values, kv_len - batch_len, 2),
+                    _pad_left(new.values, kv_len - row_len, 2),
+                ]
+            )
+            layers.append((keys, values))
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.attention_mask = torch.cat(
+            [
+                _pad_left(self.attention_mask, kv_len - batch_len, 1),
+                _pad_left(row_mask, kv_len - row_len, 1),
+            ]
+        )
+
+    def decode_mask(self) -> torch.Tensor:
+        """Mask for one decode step (past plus the token being fed), kept for the next step."""
+        assert self.attention_mask is not None
+        ones = self.attention_mask.new_ones((self.num_rows, 1))
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        return self.attention_mask
+
+    def keep_rows(self, row_indices: list[int]) -> None:
+        """Drops every row not listed (finished or aborted), then trims all-padding columns."""
+        if not row_indices:
+            self.cache, self.attention_mask = None, None
+            return
+        assert self.cache is not None and self.attention_mask is not None
+        index = torch.tensor(row_indices, device=self.attention_mask.device)
+        self.cache.batch_select_indices(index)
+        self.attention_mask = self.attention_mask.index_select(0, index)
+        self._trim_left_padding()
+
+    def _trim_left_padding(self) -> None:
+        assert self.cache is not None and self.attention_mask is not None
+        has_token = self.attention_mask.any(dim=0)
+        first = int(torch.argmax(has_token.int()).item())
+        if first == 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, first:, :]
+            layer.values = layer.values[:, :, first:, :]
+        self.attention_mask = self.attention_mask[:, first:]
+
+
+def _device(cache: DynamicCache) -> torch.device:
+    return cache.layers[0].keys.device

@@ -1,0 +1,277 @@
+"""Continuous-batching generation: one inference thread owns the model; asyncio gets the tokens.
+
+Requests join the running batch between decode steps (after a one-row prefill) and leave as
+soon as they finish or are aborted, so a new request never waits for the batch in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from serve_app.engine.batch import BatchCache
+from serve_app.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from serve_app.engine.sampling import SamplerState, sample_next_tokens
+from serve_app.engine.types import EngineStats, RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+OutputSink = Callable[[RequestOutput], None]
+
+
+@dataclass(slots=True)
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampler: SamplerState
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+    sink: OutputSink
+    num_generated: int = 0
+    last_token: int = -1
+    is_abort_requested: bool = False
+    is_done: bool = False
+
+
+class LLMEngine:
+    """Generates for many requests at once on one model.
+
+    Contract: `generate()` yields RequestOutput deltas for one request; the last one has a
+    finish_reason. Closing or cancelling the iterator (or calling `abort`) removes the request
+    from the batch before the next decode step and frees its KV memory.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        eos_token_ids: set[int],
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.device = next(model.parameters()).device
+        self._vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._batch = BatchCache()
+        self._stats = EngineStats()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._is_stopping = False
+        self.last_step_at = time.monotonic()
+
+    # ---- public API (any thread) -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._is_stopping = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=10)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def is_busy(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def submit(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: OutputSink
+    ) -> None:
+        max_tokens = params.max_tokens or (self.max_model_len - len(prompt_ids))
+        seq = _Sequence(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            max_tokens=max(1, min(max_tokens, self.max_model_len - len(prompt_ids))),
+            sampler=SamplerState(params, self._vocab_size, self.device),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            stop_matcher=StopStringMatcher(params.stop),
+            sink=sink,
+        )
+        self._inbox.put(("add", seq))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def sink(output: RequestOutput) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, output)
+
+        self.submit(request_id, prompt_ids, params, sink)
+        is_finished = False
+        try:
+            while not is_finished:
+                output = await outputs.get()
+                is_finished = output.is_finished
+                yield output
+        finally:
+            if not is_finished:  # consumer went away (client disconnect, cancel)
+                self.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        stats = self._stats
+        return EngineStats(
+            num_running=len(self._running),
+            num_waiting=len(self._waiting),
+            num_finished=stats.num_finished,
+            num_aborted=stats.num_aborted,
+            num_steps=stats.num_steps,
+            running_ids=[seq.request_id for seq in list(self._running)],
+        )
+
+    # ---- inference thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._is_stopping:
+            self._drain_inbox(block=not self.is_busy)
+            self.last_step_at = time.monotonic()
+            try:
+                self._admit_waiting()
+                if self._running:
+                    self._decode_step()
+            except Exception as exc:  # a failed step fails its requests, not the replica
+                logger.exception("engine step failed")
+                self._fail_all(f"engine error: {exc}")
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            command, arg = self._inbox.get(timeout=1.0) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle_command(command, arg)
+            try:
+                command, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        self._remove_aborted()
+
+    def _handle_command(self, command: str, arg: Any) -> None:
+        if command == "add":
+            self._waiting.append(arg)
+        elif command == "abort":
+            for seq in (*self._waiting, *self._running):
+                if seq.request_id == arg:
+                    seq.is_abort_requested = True
+
+    def _remove_aborted(self) -> None:
+        for seq in [s for s in self._waiting if s.is_abort_requested]:
+            self._waiting.remove(seq)
+            self._finish(seq, "abort", "")
+        aborted = [s for s in self._running if s.is_abort_requested and not s.is_done]
+        for seq in aborted:
+            self._finish(seq, "abort", "")
+        if aborted:
+            self._compact()
+
+    def _admit_waiting(self) -> None:
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            seq = self._waiting.popleft()
+            self._prefill(seq)
+
+    def _prefill(self, seq: _Sequence) -> None:
+        input_ids = torch.tensor([seq.prompt_ids], device=self.device)
+        row_cache = DynamicCache()
+        out = self.model(
+            input_ids=input_ids, past_key_values=row_cache, use_cache=True, logits_to_keep=1
+        )
+        self._batch.append_row(row_cache, len(seq.prompt_ids))
+        self._running.append(seq)
+        token_id = sample_next_tokens(out.logits[:, -1, :], [seq.sampler])[0]
+        if self._advance(seq, token_id):
+            self._compact()
+
+    def _decode_step(self) -> None:
+        rows = self._running
+        input_ids = torch.tensor([[seq.last_token] for seq in rows], device=self.device)
+        positions = [len(seq.prompt_ids) + seq.num_generated - 1 for seq in rows]
+        position_ids = torch.tensor(positions, device=self.device).unsqueeze(1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self._batch.decode_mask(),
+            position_ids=position_ids,
+            past_key_values=self._batch.cache,
+            use_cache=True,
+        )
+        self._stats.num_steps += 1
+        next_ids = sample_next_tokens(out.logits[:, -1, :], [seq.sampler for seq in rows])
+        num_finished = sum(self._advance(seq, tok) for seq, tok in zip(rows, next_ids, strict=True))
+        if num_finished:
+            self._compact()
+
+    def _advance(self, seq: _Sequence, token_id: int) -> bool:
+        """Takes one new token for a sequence; emits its text. Returns True when it finished."""
+        seq.num_generated += 1
+        seq.last_token = token_id
+        seq.sampler.record(token_id)
+        if token_id in self.eos_token_ids:
+            return self._finish(seq, "stop", seq.stop_matcher.flush())
+        text, hit_stop = seq.stop_matcher.feed(seq.detokenizer.push(token_id))
+        if hit_stop:
+            return self._finish(seq, "stop", text)
+        if seq.num_generated >= seq.max_tokens:
+            return self._finish(seq, "length", text + seq.stop_matcher.flush())
+        if text:
+            seq.sink(self._output(seq, text, None))
+        return False
+
+    def _finish(self, seq: _Sequence, reason: str, text: str, error: str | None = None) -> bool:
+        seq.is_done = True  # _compact removes the row
+        if reason == "abort":
+            self._stats.num_aborted += 1
+        else:
+            self._stats.num_finished += 1
+        seq.sink(self._output(seq, text, reason, error))
+        return True
+
+    def _output(
+        self, seq: _Sequence, text: str, reason: str | None, error: str | None = None
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            text=text,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_generated_tokens=seq.num_generated,
+            finish_reason=reason,
+            error=error,
+        )
+
+    def _compact(self) -> None:
+        """Removes finished rows from the batch and frees their KV memory."""
+        keep = [i for i, seq in enumerate(self._running) if not seq.is_done]
+        self._running = [self._running[i] for i in keep]
+        self._batch.keep_rows(keep)
+
+    def _fail_all(self, message: str) -> None:
+        for seq in (*self._waiting, *self._running):
+            if not seq.is_done:
+                self._finish(seq, "error", "", error=message)
+        self._waiting.clear()
+        self._running = []
+        self._batch = BatchCache()

@@ -1,0 +1,53 @@
+"""Plain data that crosses the engine boundary (and Ray handles). Imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Per-request decoding settings. temperature 0 means greedy."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What the engine hands back for one request after each step: new text since last time."""
+
+    request_id: str
+    text: str
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    num_steps: int = 0
+    running_ids: list[str] = field(default_factory=list)
