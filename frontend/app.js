@@ -25,9 +25,11 @@ const ui = {
 };
 
 const SAVE_EVERY_MS = 1000;
+const REFRESH_UNAVAILABLE_MS = 5000;
 const store = new ConversationStore();
 const settings = loadSettings();
 let models = [];
+let refreshTimer = null;
 /** The generation in flight: {conversation, message, view, controller} or null. */
 let active = null;
 
@@ -37,8 +39,7 @@ setApiKeyProvider(loadApiKey);
 
 function isGenerative(model) {
   const caps = model.capabilities || [];
-  return model.kind !== "embedding" && model.status !== "unavailable"
-    && (caps.includes("chat") || caps.includes("completions"));
+  return model.kind !== "embedding" && (caps.includes("chat") || caps.includes("completions"));
 }
 
 function selectedModel() {
@@ -56,6 +57,11 @@ async function loadModels() {
   hideBanner();
   fillModelSelect();
   ui.app.dataset.state = "ready";
+  // A model still loading (or too busy to answer) is listed as "unavailable": look again soon.
+  clearTimeout(refreshTimer);
+  if (models.some((m) => m.status === "unavailable")) {
+    refreshTimer = setTimeout(loadModels, REFRESH_UNAVAILABLE_MS);
+  }
 }
 
 function fillModelSelect() {

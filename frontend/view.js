@@ -76,7 +76,7 @@ export function renderModelBadges(container, model) {
 export function modelOptionLabel(model) {
   const caps = (model.capabilities || []).join(", ");
   const note = model.kind === "embedding" ? " (embeddings only)"
-    : model.status === "unavailable" ? " (unavailable)" : "";
+    : model.status === "unavailable" ? " (not ready)" : "";
   return `${model.id} — ${caps || model.kind}${note}`;
 }
 
