@@ -43,7 +43,10 @@ class BatchCache:
         layers = []
         for old, new in zip(self.cache.layers, row_cache.layers, strict=True):
             keys = torch.cat(
-                [_pad_left(old.keys, kv_len - batch_len, 2), _pad_left(new.keys, kv_len - row_len, 2)]
+                [
+                    _pad_left(old.keys, kv_len - batch_len, 2),
+                    _pad_left(new.keys, kv_len - row_len, 2),
+                ]
             )
             values = torch.cat(
                 [

@@ -91,6 +91,10 @@ class LLMEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def is_stuck(self, max_step_seconds: float) -> bool:
+        """True when the inference loop has not come round for that long (a hung step)."""
+        return time.monotonic() - self.last_step_at > max_step_seconds
+
     @property
     def is_busy(self) -> bool:
         return bool(self._running or self._waiting)

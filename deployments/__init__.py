@@ -1,0 +1,1 @@
+"""Ray Serve deployments: the ingress, one server per model, and the app builder."""

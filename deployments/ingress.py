@@ -1,0 +1,260 @@
+"""The HTTP front door (FastAPI on Ray Serve): validates, routes by `model`, streams SSE.
+
+It holds one DeploymentHandle per model and imports no torch, so it starts fast.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from deployments.http_errors import install_error_handlers, rejected_to_error, upstream_error
+from deployments.static import static_file
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.engine.types import RequestOutput
+from serve_app.errors import InvalidRequestError, ModelNotFoundError, error_body
+from serve_app.openai_adapter import (
+    Admitted,
+    GenerateCall,
+    Rejected,
+    ResponseIds,
+    chat_call,
+    completion_call,
+    full_response,
+    new_request_id,
+    stream_chunk,
+    usage,
+    usage_chunk,
+)
+from serve_app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+_INFO_TIMEOUT_S = 2.0
+FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
+
+app = FastAPI(title="serve-app", version="0.1.0", docs_url="/docs", redoc_url=None)
+install_error_handlers(app)
+
+
+def _check_embedding_options(body: EmbeddingRequest) -> None:
+    if body.encoding_format != "float":
+        raise InvalidRequestError(
+            "only encoding_format 'float' is supported", param="encoding_format"
+        )
+    if body.dimensions is not None:
+        raise InvalidRequestError("dimensions is not supported by this model", param="dimensions")
+
+
+async def _collect(stream: DeploymentResponseGenerator, ids: ResponseIds, num_prompt: int) -> Any:
+    parts: list[str] = []
+    last: RequestOutput | None = None
+    try:
+        async for output in stream:
+            parts.append(output.text)
+            last = output
+    except Exception as exc:
+        raise upstream_error(ids.model, exc) from exc
+    finally:
+        stream.cancel()  # no-op when finished; frees the slot if this handler was cancelled
+    if last is None or last.finish_reason in (None, "error", "abort"):
+        message = (last.error if last else None) or "generation ended without a result"
+        return JSONResponse(error_body(message, "server_error"), status_code=500)
+    return full_response(
+        ids, "".join(parts), last.finish_reason, num_prompt, last.num_generated_tokens
+    )
+
+
+async def _sse_events(
+    stream: DeploymentResponseGenerator, ids: ResponseIds, num_prompt: int, include_usage: bool
+) -> AsyncIterator[str]:
+    """Engine deltas -> SSE lines. Always ends with [DONE], after an error event if need be."""
+    try:
+        if ids.endpoint == "chat":
+            yield _sse(stream_chunk(ids, None, None, role=True))
+        last: RequestOutput | None = None
+        async for output in stream:
+            last = output
+            if output.finish_reason in ("error", "abort"):
+                yield _sse(error_body(output.error or "generation was aborted", "server_error"))
+                break
+            yield _sse(stream_chunk(ids, output.text, output.finish_reason))
+        if last is not None and last.finish_reason in ("stop", "length") and include_usage:
+            yield _sse(usage_chunk(ids, num_prompt, last.num_generated_tokens))
+        if last is None or last.finish_reason is None:
+            yield _sse(error_body("the stream ended before generation finished", "server_error"))
+    except asyncio.CancelledError:
+        raise  # client went away; the finally below frees the engine slot
+    except Exception as exc:  # the replica died or was replaced mid-stream
+        logger.warning("stream %s failed: %r", ids.request_id, exc)
+        yield _sse(upstream_error(ids.model, exc).to_dict())
+    finally:
+        stream.cancel()
+    yield "data: [DONE]\n\n"
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+# serve.ingress pickles the app and the route functions' globals when the class is
+# decorated, so every helper must be defined above the class.
+
+
+class Ingress:
+    def __init__(self, app_config: dict[str, Any], model_handles: dict[str, DeploymentHandle]):
+        self.config = AppConfig.model_validate(app_config)
+        self.handles = model_handles
+        self.started_at = int(time.time())
+        self.context_lengths: dict[str, int] = {}
+
+    # ---- routes ------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        infos = await self._model_infos()
+        not_ready = [m for m, info in infos.items() if not (info and info.get("ready"))]
+        if not_ready:
+            return JSONResponse({"status": "unavailable", "not_ready": not_ready}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def list_models(self) -> dict[str, Any]:
+        infos = await self._model_infos()
+        cards = [self._card(m, infos.get(m.id)).model_dump() for m in self.config.models]
+        return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(self, model_id: str) -> dict[str, Any]:
+        model = self._model(model_id)
+        infos = await self._model_infos([model_id])
+        return self._card(model, infos.get(model_id)).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        model = self._model(body.model)
+        if "chat" not in model.capabilities:
+            raise InvalidRequestError(
+                f"Model '{model.id}' is a {model.kind} model and has no chat template; "
+                "use /v1/completions for base models or /v1/embeddings for embedding models.",
+                param="model",
+                code="chat_not_supported",
+            )
+        call = chat_call(body, new_request_id())
+        return await self._generate(model, call, body.stream, body.include_usage)
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Response:
+        model = self._model(body.model)
+        if "completions" not in model.capabilities:
+            raise InvalidRequestError(
+                f"Model '{model.id}' is an embedding model; use /v1/embeddings.",
+                param="model",
+                code="completions_not_supported",
+            )
+        call = completion_call(body, new_request_id())
+        return await self._generate(model, call, body.stream, body.include_usage)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, body: EmbeddingRequest) -> dict[str, Any]:
+        model = self._model(body.model)
+        if "embeddings" not in model.capabilities:
+            raise InvalidRequestError(
+                f"Model '{model.id}' is not an embedding model.",
+                param="model",
+                code="embeddings_not_supported",
+            )
+        _check_embedding_options(body)
+        try:
+            result = await self.handles[model.id].embed.remote(body.texts())
+        except Exception as exc:
+            raise upstream_error(model.id, exc) from exc
+        if isinstance(result, Rejected):
+            raise rejected_to_error(result)
+        vectors, num_tokens = result
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": model.id, "usage": usage(num_tokens, 0)}
+
+    @app.get("/admin/models/{model_id}/stats")
+    async def model_stats(self, model_id: str) -> dict[str, Any]:
+        model = self._model(model_id)
+        if model.kind == "embedding":
+            raise InvalidRequestError("stats are kept for generative models", param="model_id")
+        result: dict[str, Any] = await self.handles[model_id].stats.remote()
+        return result
+
+    @app.get("/{path:path}", include_in_schema=False)
+    async def frontend(self, path: str) -> Response:
+        """The static chat page, same origin as the API (declared last: routes above win)."""
+        return static_file(FRONTEND_DIR, path)
+
+    # ---- generation --------------------------------------------------------------------
+
+    async def _generate(
+        self, model: ModelConfig, call: GenerateCall, is_stream: bool, include_usage: bool
+    ) -> Response:
+        handle = self.handles[model.id].options(stream=True)
+        stream: DeploymentResponseGenerator = handle.generate.remote(call)
+        try:
+            first = await stream.__anext__()
+        except Exception as exc:
+            stream.cancel()
+            raise upstream_error(model.id, exc) from exc
+        if isinstance(first, Rejected):
+            raise rejected_to_error(first)
+        assert isinstance(first, Admitted)
+        ids = ResponseIds(call.request_id, model.id, call.endpoint)
+        headers = {"X-Request-Id": call.request_id}
+        if not is_stream:
+            body = await _collect(stream, ids, first.num_prompt_tokens)
+            return JSONResponse(body, headers=headers)
+        events = _sse_events(stream, ids, first.num_prompt_tokens, include_usage)
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+        )
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _model(self, model_id: str) -> ModelConfig:
+        model = self.config.model(model_id)
+        if model is None:
+            raise ModelNotFoundError(model_id)
+        return model
+
+    def _card(self, model: ModelConfig, info: dict[str, Any] | None) -> ModelCard:
+        if info and info.get("context_length"):
+            self.context_lengths[model.id] = info["context_length"]
+        return ModelCard(
+            id=model.id,
+            created=self.started_at,
+            kind=model.kind,
+            capabilities=model.capabilities,
+            context_length=self.context_lengths.get(model.id),
+            status="ready" if info and info.get("ready") else "unavailable",
+        )
+
+    async def _model_infos(self, model_ids: list[str] | None = None) -> dict[str, Any]:
+        ids = model_ids or list(self.handles)
+
+        async def one(model_id: str) -> Any:
+            try:
+                return await asyncio.wait_for(
+                    self.handles[model_id].info.remote(), timeout=_INFO_TIMEOUT_S
+                )
+            except Exception:  # starting, dead or overloaded: reported as not ready
+                return None
+
+        results = await asyncio.gather(*(one(m) for m in ids))
+        return dict(zip(ids, results, strict=True))
+
+
+Ingress = serve.deployment(serve.ingress(app)(Ingress))  # type: ignore[misc]

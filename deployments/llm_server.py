@@ -1,0 +1,89 @@
+"""One Ray Serve deployment per LLM: a thin shim that feeds the replica's engine.
+
+The ingress calls `generate` through a streaming handle; the first event says whether the call
+was admitted (prompt token count) or rejected (an API error), then engine deltas follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from serve_app.config import ModelConfig
+from serve_app.engine.llm_engine import LLMEngine
+from serve_app.engine.types import RequestOutput
+from serve_app.errors import APIError, ServiceUnavailableError
+from serve_app.loading import build_llm_engine
+from serve_app.model_store import ModelSourceError
+from serve_app.openai_adapter import Admitted, GenerateCall, Rejected, prompt_token_ids
+
+logger = logging.getLogger(__name__)
+
+# A step that has not come back for this long means the inference thread is stuck.
+_MAX_STEP_SECONDS = 120.0
+
+
+@serve.deployment
+class LLMServer:
+    def __init__(self, model_config: dict[str, Any], cache_dir: str) -> None:
+        self.config = ModelConfig.model_validate(model_config)
+        self.engine: LLMEngine | None = None
+        self.load_error: str | None = None
+        try:
+            self.engine = build_llm_engine(self.config, Path(cache_dir))
+        except ModelSourceError as exc:
+            # Keep the replica up so the other models keep serving; this one answers 503.
+            logger.error("model %s unavailable: %s", self.config.id, exc)
+            self.load_error = str(exc)
+
+    async def generate(
+        self, call: GenerateCall
+    ) -> AsyncIterator[Admitted | Rejected | RequestOutput]:
+        try:
+            engine = self._ready_engine()
+            prompt_ids = prompt_token_ids(call, engine.tokenizer, engine.max_model_len)
+        except APIError as exc:
+            yield Rejected(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
+            return
+        params = call.sampling
+        if params.max_tokens is None and self.config.engine.default_max_tokens:
+            params = dataclasses.replace(params, max_tokens=self.config.engine.default_max_tokens)
+        yield Admitted(len(prompt_ids))
+        async for output in engine.generate(call.request_id, prompt_ids, params):
+            yield output
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "id": self.config.id,
+            "ready": self.engine is not None,
+            "context_length": self.engine.max_model_len if self.engine else None,
+            "error": self.load_error,
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {"error": self.load_error}
+        return dataclasses.asdict(self.engine.stats())
+
+    def check_health(self) -> None:
+        """Ray calls this periodically; raising makes Ray replace the replica."""
+        engine = self.engine
+        if engine is None:
+            return
+        if not engine.is_alive:
+            raise RuntimeError(f"{self.config.id}: inference thread died")
+        if engine.is_stuck(_MAX_STEP_SECONDS):
+            raise RuntimeError(f"{self.config.id}: inference thread stuck")
+
+    def _ready_engine(self) -> LLMEngine:
+        if self.engine is None:
+            raise ServiceUnavailableError(
+                f"Model '{self.config.id}' is unavailable: {self.load_error}",
+                code="model_unavailable",
+            )
+        return self.engine

