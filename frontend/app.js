@@ -316,7 +316,8 @@ function setBusy(busy) {
   ui.send.hidden = busy;
   ui.stop.hidden = !busy;
   ui.app.dataset.busy = String(busy);
-  if (!busy) ui.prompt.focus();
+  // Refocus for the next message, except on touch screens where it pops the keyboard up.
+  if (!busy && matchMedia("(pointer: fine)").matches) ui.prompt.focus();
 }
 
 // ---- API key ------------------------------------------------------------------------------
