@@ -165,7 +165,8 @@ export function formatMeta(msg) {
   if (m.ttftMs != null) parts.push(`TTFT ${Math.round(m.ttftMs)} ms`);
   if (m.tokensPerSecond != null) parts.push(`${m.tokensPerSecond.toFixed(1)} tok/s`);
   if (m.completionTokens != null) {
-    parts.push(`${m.isApproximate ? "~" : ""}${m.completionTokens} tokens`);
+    const n = m.completionTokens;
+    parts.push(`${m.isApproximate ? "~" : ""}${n} ${n === 1 ? "token" : "tokens"}`);
   }
   if (msg.status === "stopped") parts.push("stopped");
   else if (msg.finishReason === "length") parts.push("hit max tokens");

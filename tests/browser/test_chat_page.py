@@ -135,7 +135,14 @@ def test_stop_aborts_and_server_cancels(chat: Any, service_url: str) -> None:
 
     reply = chat.last_reply()
     expect(reply).to_have_attribute("data-request-id", request_id)
-    expect(reply.get_by_test_id("message-content")).not_to_be_empty(timeout=60_000)
+    # Let it produce a few words first, so Stop lands mid-stream rather than at the start.
+    chat.page.wait_for_function(
+        """() => { const all = document.querySelectorAll('[data-role=assistant]');
+                   const r = all[all.length - 1];
+                   return r.querySelector('[data-testid=message-content]').innerText.length > 40
+                       || r.dataset.status !== 'streaming'; }""",
+        timeout=60_000,
+    )
     assert reply.get_attribute("data-status") == "streaming", "finished before Stop was pressed"
     chat.page.get_by_test_id("stop").click()
 
