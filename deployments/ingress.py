@@ -4,8 +4,10 @@ It holds one DeploymentHandle per model and imports no torch, so it starts fast.
 """
 
 import asyncio
+import base64
 import json
 import logging
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -47,10 +49,6 @@ install_error_handlers(app)
 
 
 def _check_embedding_options(body: EmbeddingRequest) -> None:
-    if body.encoding_format != "float":
-        raise InvalidRequestError(
-            "only encoding_format 'float' is supported", param="encoding_format"
-        )
     if body.dimensions is not None:
         raise InvalidRequestError("dimensions is not supported by this model", param="dimensions")
 
@@ -100,6 +98,13 @@ async def _sse_events(
     finally:
         stream.cancel()
     yield "data: [DONE]\n\n"
+
+
+def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
+    # "base64" is little-endian float32, what the openai SDK asks for by default.
+    if encoding_format == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -181,7 +186,10 @@ class Ingress:
         if isinstance(result, Rejected):
             raise rejected_to_error(result)
         vectors, num_tokens = result
-        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+            for i, v in enumerate(vectors)
+        ]
         return {"object": "list", "data": data, "model": model.id, "usage": usage(num_tokens, 0)}
 
     @app.get("/admin/models/{model_id}/stats")

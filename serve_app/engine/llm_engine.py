@@ -71,6 +71,7 @@ class LLMEngine:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
+        self._finals: list[tuple[_Sequence, RequestOutput]] = []  # sent once their row is freed
         self._batch = BatchCache()
         self._stats = EngineStats()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -188,11 +189,10 @@ class LLMEngine:
         for seq in [s for s in self._waiting if s.is_abort_requested]:
             self._waiting.remove(seq)
             self._finish(seq, "abort", "")
-        aborted = [s for s in self._running if s.is_abort_requested and not s.is_done]
-        for seq in aborted:
-            self._finish(seq, "abort", "")
-        if aborted:
-            self._compact()
+        for seq in self._running:
+            if seq.is_abort_requested and not seq.is_done:
+                self._finish(seq, "abort", "")
+        self._compact()
 
     def _admit_waiting(self) -> None:
         while self._waiting and len(self._running) < self.max_num_seqs:
@@ -251,7 +251,7 @@ class LLMEngine:
             self._stats.num_aborted += 1
         else:
             self._stats.num_finished += 1
-        seq.sink(self._output(seq, text, reason, error))
+        self._finals.append((seq, self._output(seq, text, reason, error)))
         return True
 
     def _output(
@@ -267,10 +267,14 @@ class LLMEngine:
         )
 
     def _compact(self) -> None:
-        """Removes finished rows from the batch and frees their KV memory."""
+        """Frees finished rows' KV memory, then sends their final outputs."""
         keep = [i for i, seq in enumerate(self._running) if not seq.is_done]
-        self._running = [self._running[i] for i in keep]
-        self._batch.keep_rows(keep)
+        if len(keep) < len(self._running):
+            self._running = [self._running[i] for i in keep]
+            self._batch.keep_rows(keep)
+        finals, self._finals = self._finals, []
+        for seq, output in finals:
+            seq.sink(output)
 
     def _fail_all(self, message: str) -> None:
         for seq in (*self._waiting, *self._running):
@@ -279,3 +283,4 @@ class LLMEngine:
         self._waiting.clear()
         self._running = []
         self._batch = BatchCache()
+        self._compact()

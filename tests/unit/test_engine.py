@@ -1,0 +1,173 @@
+"""Continuous-batching engine on a tiny random Llama loaded through the real loading path."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from serve_app.engine.llm_engine import LLMEngine
+from serve_app.engine.types import RequestOutput, SamplingParams
+
+PROMPTS = ["The capital of France is", "def main():", "héllo wörld 世界"]
+
+
+def prompt_ids(engine: LLMEngine, text: str) -> list[int]:
+    return list(engine.tokenizer(text)["input_ids"])
+
+
+async def collect(
+    engine: LLMEngine, request_id: str, text: str, **params: object
+) -> list[RequestOutput]:
+    outputs = []
+    async for output in engine.generate(
+        request_id, prompt_ids(engine, text), SamplingParams(**params)
+    ):  # type: ignore[arg-type]
+        outputs.append(output)
+    return outputs
+
+
+def joined(outputs: list[RequestOutput]) -> str:
+    return "".join(o.text for o in outputs)
+
+
+def hf_greedy(model_dir: Path, engine: LLMEngine, text: str, max_new_tokens: int) -> str:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([prompt_ids(engine, text)])
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return str(engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+async def test_batched_greedy_matches_transformers_generate(
+    engine: LLMEngine, tiny_model_dir: Path
+) -> None:
+    results = await asyncio.gather(
+        *(
+            collect(engine, f"r{i}", p, temperature=0.0, max_tokens=24)
+            for i, p in enumerate(PROMPTS)
+        )
+    )
+    for prompt, outputs in zip(PROMPTS, results, strict=True):
+        assert joined(outputs) == hf_greedy(tiny_model_dir, engine, prompt, 24)
+        assert outputs[-1].finish_reason in ("length", "stop")
+
+
+async def test_length_finish_and_token_counts(engine: LLMEngine) -> None:
+    outputs = await collect(engine, "r", "The capital", temperature=0.0, max_tokens=7)
+    last = outputs[-1]
+    assert last.finish_reason in ("length", "stop")
+    if last.finish_reason == "length":
+        assert last.num_generated_tokens == 7
+    assert last.num_prompt_tokens == len(prompt_ids(engine, "The capital"))
+    assert all(o.finish_reason is None for o in outputs[:-1])
+
+
+async def test_same_seed_gives_same_text(engine: LLMEngine) -> None:
+    a, b, c = await asyncio.gather(
+        collect(engine, "a", "def main():", temperature=1.0, seed=1234, max_tokens=30),
+        collect(engine, "b", "def main():", temperature=1.0, seed=1234, max_tokens=30),
+        collect(engine, "c", "def main():", temperature=1.0, seed=99, max_tokens=30),
+    )
+    assert joined(a) == joined(b)
+    assert joined(a) != joined(c)
+
+
+async def test_stop_string_spanning_tokens_is_honoured(engine: LLMEngine) -> None:
+    full = joined(await collect(engine, "a", "héllo", temperature=0.0, max_tokens=40))
+    stop = full[10:14]
+    assert len(stop) == 4, "the greedy text is long enough to pick a stop string from"
+    outputs = await collect(engine, "b", "héllo", temperature=0.0, max_tokens=40, stop=(stop,))
+    assert joined(outputs) == full[: full.find(stop)]
+    assert outputs[-1].finish_reason == "stop"
+
+
+async def test_abort_frees_the_slot_before_the_next_step(engine: LLMEngine) -> None:
+    stream = engine.generate(
+        "long", prompt_ids(engine, "The"), SamplingParams(temperature=0.0, max_tokens=400)
+    )
+    for _ in range(3):
+        await stream.__anext__()
+    await stream.aclose()  # what a client disconnect does to the replica's generator
+    for _ in range(100):
+        stats = engine.stats()
+        if stats.num_running == 0 and stats.num_aborted == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert stats.num_running == 0 and stats.num_aborted == 1
+    assert engine._batch.num_rows == 0 and engine._batch.cache is None
+
+
+async def test_explicit_abort_of_waiting_and_running_requests(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from serve_app.loading import build_llm_engine
+    from tests.unit.conftest import tiny_model_config
+
+    engine = build_llm_engine(tiny_model_config(tiny_model_dir, max_num_seqs=1), tmp_path)
+    try:
+        running = asyncio.create_task(
+            collect(engine, "running", "The", temperature=0.0, max_tokens=300)
+        )
+        waiting = asyncio.create_task(
+            collect(engine, "waiting", "The", temperature=0.0, max_tokens=300)
+        )
+        await asyncio.sleep(0.2)
+        assert engine.stats().num_waiting == 1
+        engine.abort("waiting")
+        engine.abort("running")
+        results = await asyncio.wait_for(asyncio.gather(running, waiting), timeout=10)
+        assert [r[-1].finish_reason for r in results] == ["abort", "abort"]
+        assert engine.stats().num_running == 0 and engine.stats().num_waiting == 0
+    finally:
+        engine.shutdown()
+
+
+async def test_request_arriving_mid_batch_starts_before_the_batch_finishes(
+    engine: LLMEngine,
+) -> None:
+    long_outputs: list[RequestOutput] = []
+
+    async def long_request() -> None:
+        params = SamplingParams(temperature=0.0, max_tokens=300)
+        async for output in engine.generate("long", prompt_ids(engine, "The"), params):
+            long_outputs.append(output)
+
+    task = asyncio.create_task(long_request())
+    while sum(1 for _ in long_outputs) < 5:
+        await asyncio.sleep(0.005)
+    late = engine.generate(
+        "late", prompt_ids(engine, "def"), SamplingParams(temperature=0.0, max_tokens=5)
+    )
+    first_late = await late.__anext__()
+    tokens_of_long_so_far = long_outputs[-1].num_generated_tokens
+    assert first_late.num_generated_tokens >= 1
+    assert not long_outputs[-1].is_finished and tokens_of_long_so_far < 300
+    await late.aclose()
+    await task
+
+
+async def test_max_num_seqs_queues_extra_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from serve_app.loading import build_llm_engine
+    from tests.unit.conftest import tiny_model_config
+
+    engine = build_llm_engine(tiny_model_config(tiny_model_dir, max_num_seqs=2), tmp_path)
+    try:
+        results = await asyncio.gather(
+            *(
+                collect(engine, f"r{i}", p, temperature=0.0, max_tokens=10)
+                for i, p in enumerate(PROMPTS * 2)
+            )
+        )
+        assert all(r[-1].is_finished for r in results)
+        assert joined(results[0]) == joined(results[3])  # same prompt, same greedy text
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2])
+async def test_tiny_max_tokens(engine: LLMEngine, max_tokens: int) -> None:
+    outputs = await collect(engine, "r", "The", temperature=0.0, max_tokens=max_tokens)
+    assert outputs[-1].num_generated_tokens <= max_tokens
