@@ -48,9 +48,7 @@ def resolve_source(model: ModelConfig, cache_dir: Path) -> LocalWeights:
         if source.startswith("hf://"):
             return _as_weights(_hf_snapshot(source.removeprefix("hf://"), model.revision))
         return _as_weights(Path(source).expanduser())
-    except ModelSourceError:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # every failure names the model and its source
         raise ModelSourceError(
             f"model '{model.id}': cannot resolve source '{source}': {exc}"
         ) from exc

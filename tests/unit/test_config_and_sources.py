@@ -1,0 +1,69 @@
+"""config/serve.yaml validation and model-source resolution (no Ray, no real models needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.config import AppConfig, ModelConfig, app_config_from_serve_config
+from serve_app.model_store import ModelSourceError, prepare_weights, resolve_source
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def model(source: str, **fields: object) -> ModelConfig:
+    return ModelConfig(id="m", kind="chat", source=source, **fields)  # type: ignore[arg-type]
+
+
+def test_bundled_config_declares_the_three_models() -> None:
+    config = app_config_from_serve_config(REPO_ROOT / "config" / "serve.yaml")
+    kinds = {m.id: m.kind for m in config.models}
+    assert kinds == {
+        "smollm2-135m-instruct": "chat",
+        "gemma-3-270m": "completion",
+        "all-minilm-l6-v2": "embedding",
+    }
+    for m in config.models:
+        options = m.deployment.to_serve_options()
+        assert {"ray_actor_options", "max_ongoing_requests", "autoscaling_config"} <= set(options)
+        assert "num_replicas" not in options  # autoscaling and num_replicas exclude each other
+
+
+def test_unknown_config_keys_and_duplicate_ids_are_errors() -> None:
+    with pytest.raises(ValidationError, match="engin"):
+        AppConfig.model_validate(
+            {"models": [{"id": "a", "kind": "chat", "source": "x", "engin": {}}]}
+        )
+    with pytest.raises(ValidationError, match="duplicate"):
+        AppConfig.model_validate({"models": [model("x").model_dump(), model("y").model_dump()]})
+
+
+def test_missing_package_names_model_and_source(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match=r"'m'.*pkg://no_such_pkg_xyz/w.gguf|not installed"):
+        resolve_source(model("pkg://no_such_pkg_xyz/w.gguf"), tmp_path)
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match="no such file"):
+        resolve_source(model(str(tmp_path / "absent")), tmp_path)
+
+
+def test_hf_repo_offline_fails_with_model_and_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelSourceError) as info:
+        resolve_source(model("hf://HuggingFaceTB/SmolLM2-135M-Instruct"), tmp_path)
+    assert "'m'" in str(info.value) and "HuggingFaceTB/SmolLM2-135M-Instruct" in str(info.value)
+
+
+def test_folder_sources(tiny_model_dir: Path, tmp_path: Path) -> None:
+    weights = resolve_source(model(str(tiny_model_dir)), tmp_path)
+    assert weights.directory == tiny_model_dir and weights.gguf_file is None
+    assert prepare_weights(model(str(tiny_model_dir)), tmp_path) == tiny_model_dir
+    (tmp_path / "only.bin").write_bytes(b"x")
+    with pytest.raises(ModelSourceError, match="only .gguf"):
+        resolve_source(model(str(tmp_path / "only.bin")), tmp_path)
