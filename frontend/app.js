@@ -1,10 +1,9 @@
 // app.js: wires the chat page together: model picker, settings, conversations, sending,
 // streaming into the open conversation, Stop, and the API-key prompt on 401.
 
-import { ApiError, listModels, setApiKeyProvider, streamGeneration } from "./api.js";
-import {
-  ConversationStore, loadApiKey, loadSettings, saveApiKey, saveSettings,
-} from "./store.js";
+import { ApiError, listModels, streamGeneration } from "./api.js";
+import { initApiKeyDialog, withAuth } from "./auth.js";
+import { ConversationStore, loadSettings, saveSettings } from "./store.js";
 import {
   createMessageView, modelOptionLabel, renderConversationList, renderEmptyState,
   renderModelBadges,
@@ -14,14 +13,12 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   app: $("app"), sidebar: $("sidebar"), scrim: $("scrim"), openSidebar: $("open-sidebar"),
   closeSidebar: $("close-sidebar"), newChat: $("new-chat"), list: $("conversation-list"),
-  apiKeyBtn: $("api-key-btn"), model: $("model-select"), mode: $("mode-select"),
+  model: $("model-select"), mode: $("mode-select"),
   badges: $("model-badges"), settingsToggle: $("settings-toggle"), settings: $("settings"),
   system: $("system-prompt"), temperature: $("temperature"),
   temperatureValue: $("temperature-value"), maxTokens: $("max-tokens"), banner: $("banner"),
   messages: $("messages"), composer: $("composer"), prompt: $("prompt"), send: $("send"),
-  stop: $("stop"), keyDialog: $("api-key-dialog"), keyForm: $("api-key-form"),
-  keyInput: $("api-key-input"), keyReason: $("api-key-reason"), keyCancel: $("api-key-cancel"),
-  keyClear: $("api-key-clear"),
+  stop: $("stop"),
 };
 
 const SAVE_EVERY_MS = 1000;
@@ -32,8 +29,6 @@ let models = [];
 let refreshTimer = null;
 /** The generation in flight: {conversation, message, view, controller} or null. */
 let active = null;
-
-setApiKeyProvider(loadApiKey);
 
 // ---- models -------------------------------------------------------------------------------
 
@@ -320,57 +315,6 @@ function setBusy(busy) {
   if (!busy && matchMedia("(pointer: fine)").matches) ui.prompt.focus();
 }
 
-// ---- API key ------------------------------------------------------------------------------
-
-/**
- * Runs `action`; on a 401 asks for an API key and tries again until it works or the user
- * cancels (then the 401 error is thrown). `beforeRetry` resets state between tries.
- */
-async function withAuth(action, reason, beforeRetry = null) {
-  for (;;) {
-    try {
-      return await action();
-    } catch (err) {
-      if (!(err instanceof ApiError) || err.kind !== "auth") throw err;
-      const key = await askForApiKey(`${reason} (${err.message})`);
-      if (!key) throw err;
-      beforeRetry?.();
-    }
-  }
-}
-
-function askForApiKey(reason) {
-  ui.keyReason.textContent = reason;
-  ui.keyInput.value = loadApiKey() ?? "";
-  return new Promise((resolve) => {
-    const onClose = () => {
-      ui.keyDialog.removeEventListener("close", onClose);
-      if (ui.keyDialog.returnValue === "save" && ui.keyInput.value.trim()) {
-        saveApiKey(ui.keyInput.value.trim());
-        resolve(ui.keyInput.value.trim());
-      } else resolve(null);
-    };
-    ui.keyDialog.addEventListener("close", onClose);
-    ui.keyDialog.returnValue = "";
-    ui.keyDialog.showModal();
-    ui.keyInput.focus();
-  });
-}
-
-function initApiKeyDialog() {
-  ui.keyCancel.addEventListener("click", () => ui.keyDialog.close(""));
-  ui.keyClear.addEventListener("click", () => {
-    saveApiKey(null);
-    ui.keyInput.value = "";
-    ui.keyDialog.close("");
-  });
-  ui.apiKeyBtn.addEventListener("click", async () => {
-    const key = await askForApiKey(loadApiKey() ? "Change or forget the stored API key."
-      : "Set an API key to send with every request.");
-    if (key && ui.app.dataset.state === "error") loadModels();
-  });
-}
-
 // ---- small UI helpers ---------------------------------------------------------------------
 
 function showBanner(text, retry = null) {
@@ -443,7 +387,7 @@ function initComposer() {
 }
 
 initSettings();
-initApiKeyDialog();
+initApiKeyDialog({ onNewKey: () => { if (ui.app.dataset.state === "error") loadModels(); } });
 initComposer();
 renderAll();
 loadModels();

@@ -374,6 +374,12 @@ def test_keyboard_and_sse_chunk_boundaries(chat: Any) -> None:
     expect(page.locator("[data-role=user] [data-testid=message-content]")).to_have_text(
         "line one\nline two"
     )
+    expect(chat.last_reply()).to_have_attribute("data-status", "done")
+    with page.expect_request("**/v1/chat/completions") as again:
+        chat.last_reply().get_by_test_id("regenerate").click()
+    assert json.loads(again.value.post_data)["messages"][-1]["content"] == "line one\nline two"
+    expect(chat.assistant_messages()).to_have_count(1)
+    expect(chat.last_reply()).to_have_attribute("data-status", "done")
 
     # The parser gives the same events however the bytes are split.
     events = page.evaluate("""async () => {
