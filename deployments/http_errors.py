@@ -75,7 +75,9 @@ def _param_name(location: list[str]) -> str | None:
     return ".".join(names) or None
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc.__cause__, APIError):  # FastAPI wraps errors raised while reading a body
+        return await _api_error(request, exc.__cause__)
     error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     return JSONResponse(

@@ -5,24 +5,34 @@ It holds one DeploymentHandle per model and imports no torch, so it starts fast.
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import os
 import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from deployments.auth import check_bearer, load_api_keys
+from deployments.body_limit import BodySizeLimit
 from deployments.http_errors import install_error_handlers, rejected_to_error, upstream_error
 from deployments.static import static_file
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine.types import RequestOutput
-from serve_app.errors import InvalidRequestError, ModelNotFoundError, error_body
+from serve_app.errors import (
+    GenerationTimeoutError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    error_body,
+)
 from serve_app.openai_adapter import (
     Admitted,
     GenerateCall,
@@ -44,8 +54,25 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connecti
 _INFO_TIMEOUT_S = 2.0
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
-app = FastAPI(title="serve-app", version="0.1.0", docs_url="/docs", redoc_url=None)
+MAX_BODY_BYTES = int(os.environ.get("SERVE_APP_MAX_BODY_BYTES", 4 * 1024 * 1024))
+CORS_ORIGINS = [o for o in os.environ.get("SERVE_APP_CORS_ORIGINS", "").split(",") if o]
+
+app = FastAPI(
+    title="serve-app",
+    version="0.1.0",
+    docs_url="/docs",
+    redoc_url=None,
+)
 install_error_handlers(app)
+app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+if CORS_ORIGINS:  # off by default: the chat page is same-origin
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=CORS_ORIGINS,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type"],
+        expose_headers=["X-Request-Id"],
+    )
 
 
 def _check_embedding_options(body: EmbeddingRequest) -> None:
@@ -53,51 +80,76 @@ def _check_embedding_options(body: EmbeddingRequest) -> None:
         raise InvalidRequestError("dimensions is not supported by this model", param="dimensions")
 
 
-async def _collect(stream: DeploymentResponseGenerator, ids: ResponseIds, num_prompt: int) -> Any:
+async def _collect(
+    stream: DeploymentResponseGenerator, ids: ResponseIds, num_prompt: int, timeout_s: float | None
+) -> Any:
     parts: list[str] = []
     last: RequestOutput | None = None
     try:
-        async for output in stream:
-            parts.append(output.text)
-            last = output
+        async with asyncio.timeout(timeout_s):
+            async for output in stream:
+                parts.append(output.text)
+                last = output
+    except TimeoutError as exc:
+        raise GenerationTimeoutError(_timeout_message(timeout_s)) from exc
     except Exception as exc:
         raise upstream_error(ids.model, exc) from exc
     finally:
-        stream.cancel()  # no-op when finished; frees the slot if this handler was cancelled
-    if last is None or last.finish_reason in (None, "error", "abort"):
+        _cancel(stream)  # no-op when finished; frees the slot on timeout or cancellation
+    if last is None or last.finish_reason not in ("stop", "length"):
         message = (last.error if last else None) or "generation ended without a result"
         return JSONResponse(error_body(message, "server_error"), status_code=500)
-    return full_response(
-        ids, "".join(parts), last.finish_reason, num_prompt, last.num_generated_tokens
-    )
+    num_generated = last.num_generated_tokens
+    return full_response(ids, "".join(parts), last.finish_reason, num_prompt, num_generated)
 
 
 async def _sse_events(
-    stream: DeploymentResponseGenerator, ids: ResponseIds, num_prompt: int, include_usage: bool
+    stream: DeploymentResponseGenerator,
+    ids: ResponseIds,
+    num_prompt: int,
+    include_usage: bool,
+    timeout_s: float | None,
 ) -> AsyncIterator[str]:
     """Engine deltas -> SSE lines. Always ends with [DONE], after an error event if need be."""
     try:
         if ids.endpoint == "chat":
             yield _sse(stream_chunk(ids, None, None, role=True))
         last: RequestOutput | None = None
-        async for output in stream:
-            last = output
-            if output.finish_reason in ("error", "abort"):
-                yield _sse(error_body(output.error or "generation was aborted", "server_error"))
-                break
-            yield _sse(stream_chunk(ids, output.text, output.finish_reason))
-        if last is not None and last.finish_reason in ("stop", "length") and include_usage:
-            yield _sse(usage_chunk(ids, num_prompt, last.num_generated_tokens))
-        if last is None or last.finish_reason is None:
-            yield _sse(error_body("the stream ended before generation finished", "server_error"))
+        async with asyncio.timeout(timeout_s):
+            async for output in stream:
+                last = output
+                if output.finish_reason in ("error", "abort"):
+                    break
+                yield _sse(stream_chunk(ids, output.text, output.finish_reason))
+        if last is not None and last.finish_reason in ("stop", "length"):
+            if include_usage:
+                yield _sse(usage_chunk(ids, num_prompt, last.num_generated_tokens))
+        else:
+            message = (
+                last.error if last else None
+            ) or "the stream ended before generation finished"
+            yield _sse(error_body(message, "server_error"))
+    except TimeoutError:
+        yield _sse(GenerationTimeoutError(_timeout_message(timeout_s)).to_dict())
     except asyncio.CancelledError:
         raise  # client went away; the finally below frees the engine slot
     except Exception as exc:  # the replica died or was replaced mid-stream
         logger.warning("stream %s failed: %r", ids.request_id, exc)
         yield _sse(upstream_error(ids.model, exc).to_dict())
     finally:
-        stream.cancel()
+        _cancel(stream)
     yield "data: [DONE]\n\n"
+
+
+def _cancel(stream: DeploymentResponseGenerator | None) -> None:
+    # cancel() of a call that routing already refused re-raises that refusal; it is moot.
+    with contextlib.suppress(Exception):
+        if stream is not None:
+            stream.cancel()
+
+
+def _timeout_message(timeout_s: float | None) -> str:
+    return f"generation exceeded the request deadline of {timeout_s} s"
 
 
 def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
@@ -121,6 +173,8 @@ class Ingress:
         self.handles = model_handles
         self.started_at = int(time.time())
         self.context_lengths: dict[str, int] = {}
+        self.api_keys = load_api_keys(self.config.ingress.api_keys)
+        self.timeout_s = self.config.ingress.request_timeout_s
 
     # ---- routes ------------------------------------------------------------------------
 
@@ -133,19 +187,22 @@ class Ingress:
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
-    async def list_models(self) -> dict[str, Any]:
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        check_bearer(request, self.api_keys)
         infos = await self._model_infos()
         cards = [self._card(m, infos.get(m.id)).model_dump() for m in self.config.models]
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id}")
-    async def get_model(self, model_id: str) -> dict[str, Any]:
+    async def get_model(self, model_id: str, request: Request) -> dict[str, Any]:
+        check_bearer(request, self.api_keys)
         model = self._model(model_id)
         infos = await self._model_infos([model_id])
         return self._card(model, infos.get(model_id)).model_dump()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        check_bearer(request, self.api_keys)
         model = self._model(body.model)
         if "chat" not in model.capabilities:
             raise InvalidRequestError(
@@ -158,7 +215,8 @@ class Ingress:
         return await self._generate(model, call, body.stream, body.include_usage)
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> Response:
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        check_bearer(request, self.api_keys)
         model = self._model(body.model)
         if "completions" not in model.capabilities:
             raise InvalidRequestError(
@@ -170,7 +228,8 @@ class Ingress:
         return await self._generate(model, call, body.stream, body.include_usage)
 
     @app.post("/v1/embeddings")
-    async def embeddings(self, body: EmbeddingRequest) -> dict[str, Any]:
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+        check_bearer(request, self.api_keys)
         model = self._model(body.model)
         if "embeddings" not in model.capabilities:
             raise InvalidRequestError(
@@ -193,7 +252,8 @@ class Ingress:
         return {"object": "list", "data": data, "model": model.id, "usage": usage(num_tokens, 0)}
 
     @app.get("/admin/models/{model_id}/stats")
-    async def model_stats(self, model_id: str) -> dict[str, Any]:
+    async def model_stats(self, model_id: str, request: Request) -> dict[str, Any]:
+        check_bearer(request, self.api_keys)
         model = self._model(model_id)
         if model.kind == "embedding":
             raise InvalidRequestError("stats are kept for generative models", param="model_id")
@@ -211,21 +271,26 @@ class Ingress:
         self, model: ModelConfig, call: GenerateCall, is_stream: bool, include_usage: bool
     ) -> Response:
         handle = self.handles[model.id].options(stream=True)
-        stream: DeploymentResponseGenerator = handle.generate.remote(call)
+        stream: DeploymentResponseGenerator | None = None
         try:
+            # Routing errors (backpressure, no live replica) surface in remote() or the first item.
+            stream = handle.generate.remote(call)
             first = await stream.__anext__()
         except Exception as exc:
-            stream.cancel()
+            _cancel(stream)
             raise upstream_error(model.id, exc) from exc
+        except BaseException:  # cancelled while waiting: do not leave the call queued
+            _cancel(stream)
+            raise
         if isinstance(first, Rejected):
             raise rejected_to_error(first)
         assert isinstance(first, Admitted)
         ids = ResponseIds(call.request_id, model.id, call.endpoint)
         headers = {"X-Request-Id": call.request_id}
         if not is_stream:
-            body = await _collect(stream, ids, first.num_prompt_tokens)
+            body = await _collect(stream, ids, first.num_prompt_tokens, self.timeout_s)
             return JSONResponse(body, headers=headers)
-        events = _sse_events(stream, ids, first.num_prompt_tokens, include_usage)
+        events = _sse_events(stream, ids, first.num_prompt_tokens, include_usage, self.timeout_s)
         return StreamingResponse(
             events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
         )

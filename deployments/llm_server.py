@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,13 @@ class LLMServer:
             "ready": self.engine is not None,
             "context_length": self.engine.max_model_len if self.engine else None,
             "error": self.load_error,
+            "pid": os.getpid(),
         }
 
     async def stats(self) -> dict[str, Any]:
         if self.engine is None:
-            return {"error": self.load_error}
-        return dataclasses.asdict(self.engine.stats())
+            return {"error": self.load_error, "pid": os.getpid()}
+        return {**dataclasses.asdict(self.engine.stats()), "pid": os.getpid()}
 
     def check_health(self) -> None:
         """Ray calls this periodically; raising makes Ray replace the replica."""

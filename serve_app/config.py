@@ -78,6 +78,12 @@ class IngressOptions(_Strict):
             ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000
         )
     )
+    api_keys: list[str] = Field(
+        default_factory=list, description="Bearer keys; also read from $SERVE_APP_API_KEYS"
+    )
+    request_timeout_s: float | None = Field(
+        600.0, gt=0, description="deadline of one generation; a stream then ends in an error"
+    )
 
 
 class AppConfig(_Strict):

@@ -64,6 +64,14 @@ class RateLimitError(APIError):
     error_type = "rate_limit_error"
 
 
+class GenerationTimeoutError(APIError):
+    status_code = 504
+    error_type = "timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="request_timeout")
+
+
 class ServiceUnavailableError(APIError):
     status_code = 503
     error_type = "service_unavailable"

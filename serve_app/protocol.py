@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4
+MAX_MESSAGES = 1024
+MAX_EMBEDDING_INPUTS = 2048
 
 
 class _Request(BaseModel):
@@ -89,7 +91,7 @@ class ResponseFormat(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Literal[False] | None = None
     top_logprobs: None = None
@@ -129,7 +131,7 @@ class CompletionRequest(_SamplingFields):
 
 class EmbeddingRequest(_Request):
     model: str = Field(min_length=1)
-    input: str | list[str] = Field(min_length=1)
+    input: str | list[str] = Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -28,13 +30,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"serve run exited early; see {log_path}:\n{_tail(log_path)}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -56,24 +58,22 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
-def write_test_config(port: int, path: Path) -> Path:
-    config = yaml.safe_load(SERVE_CONFIG.read_text())
+def write_test_config(port: int, path: Path, config: dict[str, Any] | None = None) -> Path:
+    config = config or yaml.safe_load(SERVE_CONFIG.read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-@pytest.fixture(scope="session")
-def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of the real service with the bundled models (or SERVE_APP_URL if set)."""
-    if os.environ.get("SERVE_APP_URL"):
-        yield os.environ["SERVE_APP_URL"].rstrip("/")
-        return
+@contextlib.contextmanager
+def running_service(
+    workdir: Path, name: str, config: dict[str, Any] | None = None, ready_path: str = "/health"
+) -> Iterator[str]:
+    """`serve run` of a config on a free 127.0.0.1 port; yields its URL; stops it after."""
     port = _free_port()
-    workdir = tmp_path_factory.mktemp("serve")
-    config_path = write_test_config(port, workdir / "serve.yaml")
+    config_path = write_test_config(port, workdir / f"{name}.yaml", config)
     OUTPUT_DIR.mkdir(exist_ok=True)
-    log_path = OUTPUT_DIR / "serve.log"
+    log_path = OUTPUT_DIR / f"{name}.log"
     serve_bin = Path(sys.executable).parent / "serve"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -85,7 +85,17 @@ def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, log_path)
+        _wait_ready(f"{url}{ready_path}", process, log_path)
         yield url
     finally:
         _stop(process)
+
+
+@pytest.fixture(scope="session")
+def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of the real service with the bundled models (or SERVE_APP_URL if set)."""
+    if os.environ.get("SERVE_APP_URL"):
+        yield os.environ["SERVE_APP_URL"].rstrip("/")
+        return
+    with running_service(tmp_path_factory.mktemp("serve"), "serve") as url:
+        yield url

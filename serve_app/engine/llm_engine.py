@@ -93,8 +93,8 @@ class LLMEngine:
         return self._thread.is_alive()
 
     def is_stuck(self, max_step_seconds: float) -> bool:
-        """True when the inference loop has not come round for that long (a hung step)."""
-        return time.monotonic() - self.last_step_at > max_step_seconds
+        """True when work is pending and the loop has not come round for that long (a hung step)."""
+        return self.is_busy and time.monotonic() - self.last_step_at > max_step_seconds
 
     @property
     def is_busy(self) -> bool:
@@ -125,7 +125,8 @@ class LLMEngine:
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def sink(output: RequestOutput) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
+            if not loop.is_closed():  # a consumer whose loop is gone has nobody to tell
+                loop.call_soon_threadsafe(outputs.put_nowait, output)
 
         self.submit(request_id, prompt_ids, params, sink)
         is_finished = False
@@ -153,16 +154,20 @@ class LLMEngine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while not self._is_stopping:
-            self._drain_inbox(block=not self.is_busy)
-            self.last_step_at = time.monotonic()
-            try:
-                self._admit_waiting()
-                if self._running:
-                    self._decode_step()
-            except Exception as exc:  # a failed step fails its requests, not the replica
-                logger.exception("engine step failed")
-                self._fail_all(f"engine error: {exc}")
+        try:
+            while not self._is_stopping:
+                self._drain_inbox(block=not self.is_busy)
+                self.last_step_at = time.monotonic()
+                try:
+                    self._admit_waiting()
+                    if self._running:
+                        self._decode_step()
+                except Exception as exc:  # a failed step fails its requests, not the replica
+                    logger.exception("engine step failed")
+                    self._fail_all(f"engine error: {exc}")
+        finally:
+            # Whatever ended the loop, nobody in flight is left waiting for a token.
+            self._fail_all("the inference thread stopped")
 
     def _drain_inbox(self, block: bool) -> None:
         try:
