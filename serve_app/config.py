@@ -35,6 +35,9 @@ class EngineOptions(_Strict):
         None, ge=1, description="max_tokens when a request gives none (None: rest of context)"
     )
     max_batch_size: int = Field(32, ge=1, description="embeddings: inputs per forward pass")
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="int8: torch dynamic int8 Linear layers (CPU only; see docs)"
+    )
 
 
 class DeploymentOptions(_Strict):

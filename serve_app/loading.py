@@ -49,7 +49,7 @@ def build_llm_engine(model_config: ModelConfig, cache_dir: Path) -> LLMEngine:
         use_safetensors=True,
         trust_remote_code=model_config.trust_remote_code,
     )
-    model.to(device).eval()
+    model = quantize(model.to(device).eval(), options, device)
     engine = LLMEngine(
         model,
         tokenizer,
@@ -80,6 +80,17 @@ def build_embedding_engine(model_config: ModelConfig, cache_dir: Path) -> Embedd
         max_model_len=context_length(model.config, options),
         max_batch_size=options.max_batch_size,
     )
+
+
+def quantize(model: Any, options: EngineOptions, device: torch.device) -> Any:
+    """Dynamic int8 Linear layers: weights read 4x less memory per decode step on CPU."""
+    if options.quantization == "none":
+        return model
+    if device.type != "cpu":
+        raise ValueError("quantization 'int8' is CPU-only; use dtype bfloat16 on GPU instead")
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def context_length(config: Any, options: EngineOptions) -> int:

@@ -67,7 +67,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.device = next(model.parameters()).device
-        self._vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._vocab_size = int(model.config.get_text_config().vocab_size)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
