@@ -61,7 +61,9 @@ async def greedy_ids(engine: LLMEngine, prompt: str, num_tokens: int) -> tuple[l
 
 def agreement(reference: list[int], candidate: list[int], num_tokens: int) -> tuple[int, int]:
     """(matching positions, positions compared); a shorter output counts as mismatches."""
-    same = sum(1 for a, b in zip(reference[:num_tokens], candidate[:num_tokens]) if a == b)
+    same = sum(
+        1 for a, b in zip(reference[:num_tokens], candidate[:num_tokens], strict=False) if a == b
+    )
     return same, max(min(num_tokens, len(reference)), min(num_tokens, len(candidate)))
 
 
