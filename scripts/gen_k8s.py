@@ -111,15 +111,22 @@ def _resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
     return {"requests": amounts, "limits": limits}
 
 
+def _api_keys_env(name: str) -> dict[str, Any]:
+    """$SERVE_APP_API_KEYS (comma-separated Bearer keys) from the Secret <name>-api-keys, if any."""
+    secret = {"name": f"{name}-api-keys", "key": "keys", "optional": True}
+    return {"name": "SERVE_APP_API_KEYS", "valueFrom": {"secretKeyRef": secret}}
+
+
 def _ray_stop_on_exit() -> dict[str, Any]:
     return {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}}
 
 
-def head_group(variant: dict[str, Any]) -> dict[str, Any]:
+def head_group(variant: dict[str, Any], name: str) -> dict[str, Any]:
     head = variant["head"]
     container = {
         "name": "ray-head",
         "image": variant["head_image"],
+        "env": [_api_keys_env(name)],
         "resources": _resources(head["cpu"], head["memory"]),
         "ports": [
             {"containerPort": 6379, "name": "gcs-server"},
@@ -136,7 +143,9 @@ def head_group(variant: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def worker_group(variant: dict[str, Any], packages: list[str], cache_dir: str) -> dict[str, Any]:
+def worker_group(
+    variant: dict[str, Any], name: str, packages: list[str], cache_dir: str
+) -> dict[str, Any]:
     workers = variant["workers"]
     gpus = int(workers.get("gpus", 0))
     install = {
@@ -150,7 +159,7 @@ def worker_group(variant: dict[str, Any], packages: list[str], cache_dir: str) -
     container = {
         "name": "ray-worker",
         "image": variant["image"],
-        "env": [{"name": "PYTHONPATH", "value": MODEL_PACKAGES_DIR}],
+        "env": [{"name": "PYTHONPATH", "value": MODEL_PACKAGES_DIR}, _api_keys_env(name)],
         "resources": _resources(workers["cpu"], workers["memory"], gpus),
         "ports": [{"containerPort": 8000, "name": "serve"}],
         "volumeMounts": [
@@ -203,9 +212,9 @@ def rayservice(
                 # KubeRay makes a random token Secret, gives it to every Ray container and
                 # uses it itself; the Serve HTTP port (8000) is not behind it.
                 "authOptions": {"mode": "token"},
-                "headGroupSpec": head_group(variant),
+                "headGroupSpec": head_group(variant, name),
                 "workerGroupSpecs": [
-                    worker_group(variant, packages, overlay["serve"]["cache_dir"])
+                    worker_group(variant, name, packages, overlay["serve"]["cache_dir"])
                 ],
             },
         },

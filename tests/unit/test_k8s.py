@@ -226,6 +226,17 @@ def test_the_cluster_installs_the_project_and_the_model_packages(variant: str) -
         assert {"name": "PYTHONPATH", "value": target} in container["env"]
 
 
+@pytest.mark.parametrize("variant", sorted(MANIFESTS))
+def test_api_keys_come_from_an_optional_secret_on_every_ray_container(variant: str) -> None:
+    cluster = cluster_of(load_manifest(variant))
+    specs = [cluster["headGroupSpec"]["template"]["spec"]]
+    specs += [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for spec in specs:
+        (container,) = spec["containers"]
+        (keys,) = [e for e in container["env"] if e["name"] == "SERVE_APP_API_KEYS"]
+        assert keys["valueFrom"]["secretKeyRef"]["optional"] is True  # no Secret: keys off
+
+
 # --- placement: the head runs no work, the replicas fit the worker pods ----------------------
 
 
