@@ -206,6 +206,19 @@ def test_serve_config_v2_args_validate_and_name_the_same_models(variant: str) ->
     assert config.cache_dir.startswith("/")  # an absolute path: the volume mounted there
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic usage
+@pytest.mark.parametrize("variant", sorted(MANIFESTS))
+def test_serve_config_v2_is_what_ray_serve_and_its_runtime_env_accept(variant: str) -> None:
+    from ray.runtime_env import RuntimeEnv
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serve_config_of(load_manifest(variant))
+    schema = ServeDeploySchema.model_validate(config)  # what KubeRay submits to the dashboard
+    assert schema.http_options.host == "0.0.0.0"
+    for app in config["applications"]:
+        RuntimeEnv(**app["runtime_env"])  # raises on a field Ray does not know
+
+
 @pytest.mark.parametrize("variant", sorted(MANIFESTS))
 def test_the_cluster_installs_the_project_and_the_model_packages(variant: str) -> None:
     manifest = load_manifest(variant)
