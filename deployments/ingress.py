@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.auth import check_bearer, load_api_keys
 from deployments.body_limit import BodySizeLimit
 from deployments.http_errors import install_error_handlers, rejected_to_error, upstream_error
+from deployments.metrics import record_error
 from deployments.static import static_file
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine.types import RequestOutput
@@ -135,7 +136,9 @@ async def _sse_events(
         raise  # client went away; the finally below frees the engine slot
     except Exception as exc:  # the replica died or was replaced mid-stream
         logger.warning("stream %s failed: %r", ids.request_id, exc)
-        yield _sse(upstream_error(ids.model, exc).to_dict())
+        error = upstream_error(ids.model, exc)
+        record_error(ids.model, error.status_code)
+        yield _sse(error.to_dict())
     finally:
         _cancel(stream)
     yield "data: [DONE]\n\n"
@@ -146,6 +149,16 @@ def _cancel(stream: DeploymentResponseGenerator | None) -> None:
     with contextlib.suppress(Exception):
         if stream is not None:
             stream.cancel()
+
+
+def metrics_export_targets() -> list[str]:
+    import ray
+
+    return [
+        f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
+        for node in ray.nodes()
+        if node.get("Alive") and node.get("MetricsExportPort")
+    ]
 
 
 def _timeout_message(timeout_s: float | None) -> str:
@@ -204,6 +217,7 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         check_bearer(request, self.api_keys)
         model = self._model(body.model)
+        request.state.model = model.id  # labels the error metrics (known ids only)
         if "chat" not in model.capabilities:
             raise InvalidRequestError(
                 f"Model '{model.id}' is a {model.kind} model and has no chat template; "
@@ -218,6 +232,7 @@ class Ingress:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         check_bearer(request, self.api_keys)
         model = self._model(body.model)
+        request.state.model = model.id  # labels the error metrics (known ids only)
         if "completions" not in model.capabilities:
             raise InvalidRequestError(
                 f"Model '{model.id}' is an embedding model; use /v1/embeddings.",
@@ -231,6 +246,7 @@ class Ingress:
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict[str, Any]:
         check_bearer(request, self.api_keys)
         model = self._model(body.model)
+        request.state.model = model.id  # labels the error metrics (known ids only)
         if "embeddings" not in model.capabilities:
             raise InvalidRequestError(
                 f"Model '{model.id}' is not an embedding model.",
@@ -259,6 +275,12 @@ class Ingress:
             raise InvalidRequestError("stats are kept for generative models", param="model_id")
         result: dict[str, Any] = await self.handles[model_id].stats.remote()
         return result
+
+    @app.get("/admin/metrics-targets")
+    async def metrics_targets(self, request: Request) -> dict[str, Any]:
+        """Where Prometheus scrapes: each alive Ray node's metrics export address."""
+        check_bearer(request, self.api_keys)
+        return {"targets": metrics_export_targets()}
 
     @app.get("/{path:path}", include_in_schema=False)
     async def frontend(self, path: str) -> Response:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.metrics import RequestTimer, record_engine_stats
 from serve_app.config import ModelConfig
 from serve_app.engine.llm_engine import LLMEngine
 from serve_app.engine.types import RequestOutput
@@ -55,8 +56,16 @@ class LLMServer:
         if params.max_tokens is None and self.config.engine.default_max_tokens:
             params = dataclasses.replace(params, max_tokens=self.config.engine.default_max_tokens)
         yield Admitted(len(prompt_ids))
-        async for output in engine.generate(call.request_id, prompt_ids, params):
-            yield output
+        timer = RequestTimer(self.config.id)
+        record_engine_stats(self.config.id, engine.stats())
+        try:
+            async for output in engine.generate(call.request_id, prompt_ids, params):
+                timer.observe(output)
+                yield output
+        finally:
+            if not timer.is_finished:  # the client went away (or the ingress gave up)
+                timer.cancelled()
+            record_engine_stats(self.config.id, engine.stats())
 
     async def info(self) -> dict[str, Any]:
         return {

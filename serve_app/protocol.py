@@ -13,10 +13,37 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP_STRINGS = 4
 MAX_MESSAGES = 1024
 MAX_EMBEDDING_INPUTS = 2048
+# Below this, sampling is greedy, as in vLLM (_SAMPLING_EPS): logits / 1e-300 overflow to inf,
+# softmax turns them into NaN and torch.multinomial fails the whole engine step.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as documented, no coercion ("5" or 5.0 for an int, 0 for a bool,
+    # false for a token id); floats still take integers, as JSON Schema's number does.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        # JSON may escape a lone surrogate ("\ud800"); tokenizers cannot encode it.
+        if _has_lone_surrogate(value):
+            raise ValueError("text must be valid Unicode: lone surrogates (U+D800-U+DFFF)")
+        return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    return False
 
 
 class StreamOptions(_Request):
@@ -68,6 +95,11 @@ class _SamplingFields(_Request):
         if isinstance(stop, list) and any(not s for s in stop):
             raise ValueError("stop strings must not be empty")
         return stop
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, temperature: float) -> float:
+        return 0.0 if temperature < MIN_SAMPLING_TEMPERATURE else temperature
 
     @field_validator("logit_bias")
     @classmethod
@@ -126,7 +158,7 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be empty")
         if isinstance(prompt, list) and not prompt:
             raise ValueError("prompt must not be empty")
-        return prompt  # type: ignore[no-any-return]
+        return prompt
 
 
 class EmbeddingRequest(_Request):
@@ -146,6 +178,23 @@ class EmbeddingRequest(_Request):
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API answers: {"error": {message, type, param, code}}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
 
 
 class Usage(BaseModel):

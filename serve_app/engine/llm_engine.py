@@ -38,6 +38,8 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     sink: OutputSink
+    submitted_at: float = 0.0
+    queue_time_s: float = 0.0
     num_generated: int = 0
     last_token: int = -1
     is_abort_requested: bool = False
@@ -112,6 +114,7 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stop_matcher=StopStringMatcher(params.stop),
             sink=sink,
+            submitted_at=time.monotonic(),
         )
         self._inbox.put(("add", seq))
 
@@ -205,6 +208,7 @@ class LLMEngine:
             self._prefill(seq)
 
     def _prefill(self, seq: _Sequence) -> None:
+        seq.queue_time_s = time.monotonic() - seq.submitted_at
         input_ids = torch.tensor([seq.prompt_ids], device=self.device)
         row_cache = DynamicCache()
         out = self.model(
@@ -269,6 +273,7 @@ class LLMEngine:
             num_generated_tokens=seq.num_generated,
             finish_reason=reason,
             error=error,
+            queue_time_s=seq.queue_time_s,
         )
 
     def _compact(self) -> None:

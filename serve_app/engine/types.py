@@ -37,6 +37,7 @@ class RequestOutput:
     num_generated_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    queue_time_s: float = 0.0  # submit -> start of prefill
 
     @property
     def is_finished(self) -> bool:
