@@ -53,7 +53,8 @@ def traffic(service_url: str) -> None:
         for i, _ in enumerate(response.iter_lines()):
             if i > 4:
                 break  # cancelled by the client
-    too_long = {"model": MODEL, "messages": ask, "max_tokens": 100_000}  # 400 once the model is known
+    # A 400 raised once the model is known (validation errors before that are model="none").
+    too_long = {"model": MODEL, "messages": ask, "max_tokens": 100_000}
     assert httpx.post(url, json=too_long).status_code == 400
 
 
