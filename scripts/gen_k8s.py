@@ -168,6 +168,11 @@ def worker_group(
         ],
         "lifecycle": _ray_stop_on_exit(),
     }
+    if gpus:
+        # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a replica that asked no GPU, so on a
+        # GPU pod it would see the GPUs and `device: auto` would put it on one Ray gave to
+        # another replica. With this, a num_gpus: 0 replica sees none and stays on the CPU.
+        container["env"].append({"name": "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "value": "1"})
     spec: dict[str, Any] = {
         "initContainers": [install],
         "containers": [container],

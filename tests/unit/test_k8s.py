@@ -307,6 +307,9 @@ def test_gpu_variant_puts_the_llms_on_gpus() -> None:
         >= 1
     ]
     assert gpu_groups, "no worker group with nvidia.com/gpu limits"
+    for group in gpu_groups:  # a replica with num_gpus: 0 must not see (and use) the GPUs
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"name": "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "value": "1"} in container["env"]
     for model in app_config_of(manifest).models:
         num_gpus = model.deployment.ray_actor_options.get("num_gpus", 0)
         if model.kind == "embedding" and EMBEDDING_MAY_USE_CPU:
