@@ -111,6 +111,9 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 # ---- OpenAPI: document the errors we send, not FastAPI's 422 we never send ----------------
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+# One event of the stream (OpenAPI 3.1: `schema` describes each event): `data` is a chunk's JSON,
+# an {"error": ...} after a failure, or the final "[DONE]".
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 _OTHER_RESPONSES = {"/health": {"503": "Some model is not ready (lists them in `not_ready`)."}}
 
 
@@ -140,7 +143,7 @@ def _document_operation(path: str, operation: dict[str, Any], components: dict[s
     for status, description in _OTHER_RESPONSES.get(path, {}).items():
         responses[status] = {"description": description, "content": {"application/json": {}}}
     if is_generation:  # `stream: true` answers server-sent events
-        responses["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        responses["200"]["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
 
 
 def _error_statuses(path: str, operation: dict[str, Any], is_generation: bool) -> dict[str, str]:

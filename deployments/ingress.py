@@ -151,6 +151,27 @@ def _cancel(stream: DeploymentResponseGenerator | None) -> None:
             stream.cancel()
 
 
+def serve_status_summary() -> dict[str, Any]:
+    applications = serve.status().applications
+    return {
+        name: {
+            "status": _enum_name(app_status.status),
+            "deployments": {
+                deployment: {
+                    "status": _enum_name(info.status),
+                    "replicas": {_enum_name(k): v for k, v in info.replica_states.items()},
+                }
+                for deployment, info in app_status.deployments.items()
+            },
+        }
+        for name, app_status in applications.items()
+    }
+
+
+def _enum_name(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
 def metrics_export_targets() -> list[str]:
     import ray
 
@@ -275,6 +296,12 @@ class Ingress:
             raise InvalidRequestError("stats are kept for generative models", param="model_id")
         result: dict[str, Any] = await self.handles[model_id].stats.remote()
         return result
+
+    @app.get("/admin/status")
+    async def serve_status(self, request: Request) -> dict[str, Any]:
+        """Ray Serve's view: every deployment's status and replicas by state."""
+        check_bearer(request, self.api_keys)
+        return {"applications": serve_status_summary()}
 
     @app.get("/admin/metrics-targets")
     async def metrics_targets(self, request: Request) -> dict[str, Any]:

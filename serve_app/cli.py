@@ -1,4 +1,4 @@
-"""`serve-app` command line: pull (prepare models ahead, with progress) and run (local)."""
+"""`serve-app` command line: pull, run, deploy, status, chat, bench."""
 
 from __future__ import annotations
 
@@ -9,23 +9,57 @@ import sys
 import time
 from pathlib import Path
 
+from serve_app.client import DEFAULT_URL
 from serve_app.config import app_config_from_serve_config
 
 DEFAULT_CONFIG = "config/serve.yaml"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.INFO if args.command == "pull" else logging.WARNING  # keep chat output clean
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "pull":
+        return pull_models(args.config)
+    if args.command == "run":
+        os.execvp("serve", ["serve", "run", args.config])
+    if args.command == "deploy":
+        os.execvp("serve", ["serve", "deploy", "--address", args.address, args.config])
+    if args.command == "status":
+        from serve_app.client import print_status
+
+        return print_status(args.url)
+    if args.command == "chat":
+        from serve_app.client import chat_loop
+
+        settings = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+        return chat_loop(args.url, args.model, args.system, settings)
+    bench = [sys.executable, str(REPO_ROOT / "benchmarks" / "serving.py"), *args.bench_args]
+    os.execv(sys.executable, bench)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="serve-app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     pull = commands.add_parser("pull", help="resolve and convert every model in the config")
     pull.add_argument("--config", default=DEFAULT_CONFIG)
     run = commands.add_parser("run", help="serve the config locally (serve run)")
     run.add_argument("--config", default=DEFAULT_CONFIG)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "pull":
-        return pull_models(args.config)
-    os.execvp("serve", ["serve", "run", args.config])
+    deploy = commands.add_parser("deploy", help="deploy the config to a running Ray cluster")
+    deploy.add_argument("--config", default=DEFAULT_CONFIG)
+    deploy.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard")
+    status = commands.add_parser("status", help="models, load, replicas and health")
+    status.add_argument("--url", default=DEFAULT_URL)
+    chat = commands.add_parser("chat", help="terminal chat that streams the reply")
+    chat.add_argument("--url", default=DEFAULT_URL)
+    chat.add_argument("--model", default="smollm2-135m-instruct")
+    chat.add_argument("--system", default=None)
+    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.add_argument("--temperature", type=float, default=None)
+    bench = commands.add_parser("bench", help="benchmarks/serving.py (args passed through)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return parser
 
 
 def pull_models(config_path: str) -> int:

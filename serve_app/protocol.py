@@ -6,9 +6,16 @@ known OpenAI fields we do not support are accepted only at their no-op value.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_STRINGS = 4
 MAX_MESSAGES = 1024
@@ -16,6 +23,20 @@ MAX_EMBEDDING_INPUTS = 2048
 # Below this, sampling is greedy, as in vLLM (_SAMPLING_EPS): logits / 1e-300 overflow to inf,
 # softmax turns them into NaN and torch.multinomial fails the whole engine step.
 MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
+def _exact_type(kind: type) -> BeforeValidator:
+    # A Literal matches by equality even in strict mode: 0 == False, True == 1.
+    def check(value: Any) -> Any:
+        if type(value) is not kind:
+            raise ValueError(f"Input should be of type {kind.__name__}")
+        return value
+
+    return BeforeValidator(check)
+
+
+OnlyOne = Annotated[Literal[1], _exact_type(int)]
+OnlyFalse = Annotated[Literal[False], _exact_type(bool)]
 
 
 class _Request(BaseModel):
@@ -83,7 +104,7 @@ class _SamplingFields(_Request):
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    n: Literal[1] = 1
+    n: OnlyOne = 1
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -125,7 +146,7 @@ class ResponseFormat(_Request):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: OnlyFalse | None = None
     top_logprobs: None = None
     response_format: ResponseFormat | None = None
     tools: None = None
@@ -141,9 +162,9 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    echo: Literal[False] = False
+    echo: OnlyFalse = False
     logprobs: None = None
-    best_of: Literal[1] | None = None
+    best_of: OnlyOne | None = None
     suffix: None = None
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
