@@ -30,6 +30,9 @@ class EngineOptions(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
     max_num_seqs: int = Field(16, ge=1, description="rows in the running batch")
     max_model_len: int | None = Field(None, ge=16, description="caps the model's context")
+    max_prefill_tokens: int = Field(
+        4096, ge=16, description="padded tokens of requests prefilled together in one forward"
+    )
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads on CPU")
     default_max_tokens: int | None = Field(
         None, ge=1, description="max_tokens when a request gives none (None: rest of context)"

@@ -56,6 +56,7 @@ def build_llm_engine(model_config: ModelConfig, cache_dir: Path) -> LLMEngine:
         max_num_seqs=options.max_num_seqs,
         max_model_len=context_length(model.config, options),
         eos_token_ids=eos_token_ids(model, tokenizer),
+        max_prefill_tokens=options.max_prefill_tokens,
     )
     engine.start()
     return engine

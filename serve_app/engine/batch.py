@@ -32,35 +32,24 @@ class BatchCache:
     def num_rows(self) -> int:
         return 0 if self.attention_mask is None else int(self.attention_mask.shape[0])
 
-    def append_row(self, row_cache: DynamicCache, row_len: int) -> None:
-        """Adds a freshly prefilled single-row cache as the last row."""
-        row_mask = torch.ones((1, row_len), dtype=torch.long, device=_device(row_cache))
+    def append_rows(self, new_cache: DynamicCache, new_mask: torch.Tensor) -> None:
+        """Adds freshly prefilled rows (their cache and left-padded mask) after the others."""
         if self.cache is None or self.attention_mask is None:
-            self.cache, self.attention_mask = row_cache, row_mask
+            self.cache, self.attention_mask = new_cache, new_mask
             return
-        batch_len = int(self.attention_mask.shape[1])
-        kv_len = max(batch_len, row_len)
-        layers = []
-        for old, new in zip(self.cache.layers, row_cache.layers, strict=True):
-            keys = torch.cat(
-                [
-                    _pad_left(old.keys, kv_len - batch_len, 2),
-                    _pad_left(new.keys, kv_len - row_len, 2),
-                ]
+        batch_len, new_len = int(self.attention_mask.shape[1]), int(new_mask.shape[1])
+        kv_len = max(batch_len, new_len)
+        old_pad, new_pad = kv_len - batch_len, kv_len - new_len
+        layers = [
+            (
+                torch.cat([_pad_left(old.keys, old_pad, 2), _pad_left(new.keys, new_pad, 2)]),
+                torch.cat([_pad_left(old.values, old_pad, 2), _pad_left(new.values, new_pad, 2)]),
             )
-            values = torch.cat(
-                [
-                    _pad_left(old.values, kv_len - batch_len, 2),
-                    _pad_left(new.values, kv_len - row_len, 2),
-                ]
-            )
-            layers.append((keys, values))
+            for old, new in zip(self.cache.layers, new_cache.layers, strict=True)
+        ]
         self.cache = DynamicCache(ddp_cache_data=layers)
         self.attention_mask = torch.cat(
-            [
-                _pad_left(self.attention_mask, kv_len - batch_len, 1),
-                _pad_left(row_mask, kv_len - row_len, 1),
-            ]
+            [_pad_left(self.attention_mask, old_pad, 1), _pad_left(new_mask, new_pad, 1)]
         )
 
     def decode_mask(self) -> torch.Tensor:
@@ -91,7 +80,3 @@ class BatchCache:
             layer.keys = layer.keys[:, :, first:, :]
             layer.values = layer.values[:, :, first:, :]
         self.attention_mask = self.attention_mask[:, first:]
-
-
-def _device(cache: DynamicCache) -> torch.device:
-    return cache.layers[0].keys.device

@@ -35,6 +35,13 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._token_ids)
         return full_text[len(prefix_text) :]
 
+    def flush(self) -> str:
+        """Text still held back (an incomplete character at the very end), for the last output."""
+        prefix_text = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
+        full_text = self._decode(self._token_ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._token_ids)
+        return full_text[len(prefix_text) :]
+
     def _decode(self, token_ids: list[int]) -> str:
         return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))
 

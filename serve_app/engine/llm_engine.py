@@ -62,12 +62,14 @@ class LLMEngine:
         max_num_seqs: int,
         max_model_len: int,
         eos_token_ids: set[int],
+        max_prefill_tokens: int = 4096,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
+        self.max_prefill_tokens = max_prefill_tokens  # padded tokens in one prefill forward
         self.device = next(model.parameters()).device
         self._vocab_size = int(model.config.get_text_config().vocab_size)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -203,22 +205,49 @@ class LLMEngine:
         self._compact()
 
     def _admit_waiting(self) -> None:
-        while self._waiting and len(self._running) < self.max_num_seqs:
-            seq = self._waiting.popleft()
-            self._prefill(seq)
+        """Prefills waiting requests together (one left-padded forward) into free slots."""
+        group: list[_Sequence] = []
+        num_padded_tokens = 0
+        while self._waiting and len(self._running) + len(group) < self.max_num_seqs:
+            longest = max([len(self._waiting[0].prompt_ids), *(len(s.prompt_ids) for s in group)])
+            if group and longest * (len(group) + 1) > self.max_prefill_tokens:
+                break
+            group.append(self._waiting.popleft())
+            num_padded_tokens = longest * len(group)
+        if group:
+            logger.debug("prefill %d requests (%d padded tokens)", len(group), num_padded_tokens)
+            self._prefill(group)
 
-    def _prefill(self, seq: _Sequence) -> None:
-        seq.queue_time_s = time.monotonic() - seq.submitted_at
-        input_ids = torch.tensor([seq.prompt_ids], device=self.device)
-        row_cache = DynamicCache()
+    def _prefill(self, group: list[_Sequence]) -> None:
+        now = time.monotonic()
+        for seq in group:
+            seq.queue_time_s = now - seq.submitted_at
+        input_ids, mask = self._left_padded([seq.prompt_ids for seq in group])
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        new_cache = DynamicCache()
         out = self.model(
-            input_ids=input_ids, past_key_values=row_cache, use_cache=True, logits_to_keep=1
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=new_cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
-        self._batch.append_row(row_cache, len(seq.prompt_ids))
-        self._running.append(seq)
-        token_id = sample_next_tokens(out.logits[:, -1, :], [seq.sampler])[0]
-        if self._advance(seq, token_id):
+        self._batch.append_rows(new_cache, mask)
+        self._running.extend(group)
+        next_ids = sample_next_tokens(out.logits[:, -1, :], [seq.sampler for seq in group])
+        num_finished = sum(self._advance(s, t) for s, t in zip(group, next_ids, strict=True))
+        if num_finished:
             self._compact()
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), length), dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, length - len(prompt) :] = torch.tensor(prompt)
+            mask[row, length - len(prompt) :] = 1
+        return ids.to(self.device), mask.to(self.device)
 
     def _decode_step(self) -> None:
         rows = self._running
@@ -245,10 +274,14 @@ class LLMEngine:
         seq.sampler.record(token_id)
         if token_id in self.eos_token_ids:
             return self._finish(seq, "stop", seq.stop_matcher.flush())
-        text, hit_stop = seq.stop_matcher.feed(seq.detokenizer.push(token_id))
+        delta = seq.detokenizer.push(token_id)
+        is_length = seq.num_generated >= seq.max_tokens
+        if is_length:
+            delta += seq.detokenizer.flush()
+        text, hit_stop = seq.stop_matcher.feed(delta)
         if hit_stop:
             return self._finish(seq, "stop", text)
-        if seq.num_generated >= seq.max_tokens:
+        if is_length:
             return self._finish(seq, "length", text + seq.stop_matcher.flush())
         if text:
             seq.sink(self._output(seq, text, None))

@@ -171,3 +171,31 @@ async def test_max_num_seqs_queues_extra_requests(tiny_model_dir: Path, tmp_path
 async def test_tiny_max_tokens(engine: LLMEngine, max_tokens: int) -> None:
     outputs = await collect(engine, "r", "The", temperature=0.0, max_tokens=max_tokens)
     assert outputs[-1].num_generated_tokens <= max_tokens
+
+
+def test_requests_prefilled_together_match_transformers_generate(
+    tiny_model_dir: Path, engine: LLMEngine
+) -> None:
+    """Several arrivals of different lengths in one left-padded prefill, then decoded as a batch."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    batch_engine = LLMEngine(
+        model, engine.tokenizer, max_num_seqs=8, max_model_len=512, eos_token_ids=set()
+    )  # not started: this test drives the steps itself
+    texts: dict[str, str] = {p: "" for p in PROMPTS}
+    for prompt in PROMPTS:
+
+        def sink(output: RequestOutput, prompt: str = prompt) -> None:
+            texts[prompt] += output.text
+
+        batch_engine.submit(
+            prompt, prompt_ids(engine, prompt), SamplingParams(temperature=0.0, max_tokens=16), sink
+        )
+    torch.set_grad_enabled(False)
+    batch_engine._drain_inbox(block=False)
+    batch_engine._admit_waiting()
+    assert len(batch_engine._running) == len(PROMPTS)  # one prefill admitted all of them
+    assert len({len(prompt_ids(engine, p)) for p in PROMPTS}) > 1  # so rows were left-padded
+    while batch_engine._running:
+        batch_engine._decode_step()
+    for prompt in PROMPTS:
+        assert texts[prompt] == hf_greedy(tiny_model_dir, engine, prompt, 16)
