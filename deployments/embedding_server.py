@@ -9,6 +9,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.placement import replica_has_gpu
 from serve_app.config import ModelConfig
 from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.errors import APIError, InvalidRequestError, ServiceUnavailableError
@@ -26,7 +27,9 @@ class EmbeddingServer:
         self.engine: EmbeddingEngine | None = None
         self.load_error: str | None = None
         try:
-            self.engine = build_embedding_engine(self.config, Path(cache_dir))
+            self.engine = build_embedding_engine(
+                self.config, Path(cache_dir), has_gpu=replica_has_gpu()
+            )
         except ModelSourceError as exc:
             logger.error("model %s unavailable: %s", self.config.id, exc)
             self.load_error = str(exc)

@@ -16,6 +16,7 @@ from typing import Any
 from ray import serve
 
 from deployments.metrics import RequestTimer, record_engine_stats
+from deployments.placement import replica_has_gpu
 from serve_app.config import ModelConfig
 from serve_app.engine.llm_engine import LLMEngine
 from serve_app.engine.types import RequestOutput
@@ -37,7 +38,7 @@ class LLMServer:
         self.engine: LLMEngine | None = None
         self.load_error: str | None = None
         try:
-            self.engine = build_llm_engine(self.config, Path(cache_dir))
+            self.engine = build_llm_engine(self.config, Path(cache_dir), has_gpu=replica_has_gpu())
         except ModelSourceError as exc:
             # Keep the replica up so the other models keep serving; this one answers 503.
             logger.error("model %s unavailable: %s", self.config.id, exc)

@@ -19,8 +19,11 @@ logger = logging.getLogger(__name__)
 _DEFAULT_CONTEXT = 2048
 
 
-def pick_device(options: EngineOptions) -> torch.device:
-    if options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available()):
+def pick_device(options: EngineOptions, has_gpu: bool = True) -> torch.device:
+    """has_gpu: whether the replica was given one (Ray shows every GPU even to num_gpus=0)."""
+    if options.device == "cuda":
+        return torch.device("cuda")
+    if options.device == "auto" and has_gpu and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -37,11 +40,11 @@ def configure_threads(options: EngineOptions) -> None:
         torch.set_num_threads(options.torch_threads)
 
 
-def build_llm_engine(model_config: ModelConfig, cache_dir: Path) -> LLMEngine:
+def build_llm_engine(model_config: ModelConfig, cache_dir: Path, has_gpu: bool = True) -> LLMEngine:
     options = model_config.engine
     configure_threads(options)
     directory = prepare_weights(model_config, cache_dir)
-    device = pick_device(options)
+    device = pick_device(options, has_gpu)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(
         directory,
@@ -62,11 +65,13 @@ def build_llm_engine(model_config: ModelConfig, cache_dir: Path) -> LLMEngine:
     return engine
 
 
-def build_embedding_engine(model_config: ModelConfig, cache_dir: Path) -> EmbeddingEngine:
+def build_embedding_engine(
+    model_config: ModelConfig, cache_dir: Path, has_gpu: bool = True
+) -> EmbeddingEngine:
     options = model_config.engine
     configure_threads(options)
     directory = prepare_weights(model_config, cache_dir)
-    device = pick_device(options)
+    device = pick_device(options, has_gpu)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModel.from_pretrained(
         directory,

@@ -67,3 +67,18 @@ def test_folder_sources(tiny_model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "only.bin").write_bytes(b"x")
     with pytest.raises(ModelSourceError, match="only .gguf"):
         resolve_source(model(str(tmp_path / "only.bin")), tmp_path)
+
+
+def test_device_follows_the_gpu_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from serve_app.config import EngineOptions
+    from serve_app.loading import pick_device, pick_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node
+    auto = EngineOptions(device="auto")
+    assert pick_device(auto, has_gpu=False).type == "cpu"  # num_gpus=0 replica on a GPU node
+    assert pick_device(auto, has_gpu=True).type == "cuda"
+    assert pick_dtype(auto, torch.device("cuda")) == torch.bfloat16
+    assert pick_dtype(auto, torch.device("cpu")) == torch.float32
+    assert pick_device(EngineOptions(device="cpu"), has_gpu=True).type == "cpu"
