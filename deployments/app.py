@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from deployments.embedding_server import EmbeddingServer
-from deployments.ingress import Ingress
+from deployments.ingress import IngressDeployment
 from deployments.llm_server import LLMServer
 from serve_app.config import AppConfig, ModelConfig
 
@@ -19,11 +19,11 @@ from serve_app.config import AppConfig, ModelConfig
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
     model_apps = {model.id: _model_app(model, config.cache_dir) for model in config.models}
-    ingress = Ingress.options(**config.ingress.deployment.to_serve_options())
+    ingress = IngressDeployment.options(**config.ingress.deployment.to_serve_options())
     return ingress.bind(config.model_dump(mode="json"), model_apps)
 
 
 def _model_app(model: ModelConfig, cache_dir: str) -> Application:
-    server = EmbeddingServer if model.kind == "embedding" else LLMServer
+    server: Deployment = EmbeddingServer if model.kind == "embedding" else LLMServer  # type: ignore[assignment]
     options = model.deployment.to_serve_options()
     return server.options(name=model.id, **options).bind(model.model_dump(mode="json"), cache_dir)

@@ -13,7 +13,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -323,7 +323,7 @@ class Ingress:
         stream: DeploymentResponseGenerator | None = None
         try:
             # Routing errors (backpressure, no live replica) surface in remote() or the first item.
-            stream = handle.generate.remote(call)
+            stream = cast(DeploymentResponseGenerator, handle.generate.remote(call))
             first = await stream.__anext__()
         except Exception as exc:
             _cancel(stream)
@@ -333,7 +333,7 @@ class Ingress:
             raise
         if isinstance(first, Rejected):
             raise rejected_to_error(first)
-        assert isinstance(first, Admitted)
+        assert isinstance(first, Admitted) and stream is not None
         ids = ResponseIds(call.request_id, model.id, call.endpoint)
         headers = {"X-Request-Id": call.request_id}
         if not is_stream:
@@ -379,4 +379,4 @@ class Ingress:
         return dict(zip(ids, results, strict=True))
 
 
-Ingress = serve.deployment(serve.ingress(app)(Ingress))  # type: ignore[misc]
+IngressDeployment = serve.deployment(name="Ingress")(serve.ingress(app)(Ingress))

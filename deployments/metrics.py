@@ -63,13 +63,15 @@ def serve_metrics() -> ServeMetrics:
         request_success=Counter(
             "serve_app_request_success_total",
             "Finished requests by finish reason.",
-            ("model", "finished_reason"),
+            ("model", "finished_reason"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
         ),
         request_cancelled=Counter(
             "serve_app_request_cancelled_total", "Requests whose client went away.", MODEL
         ),
         request_errors=Counter(
-            "serve_app_request_errors_total", "Failed requests by HTTP status.", ("model", "status")
+            "serve_app_request_errors_total",
+            "Failed requests by HTTP status.",
+            ("model", "status"),  # type: ignore[arg-type]
         ),
     )
 

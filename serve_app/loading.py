@@ -52,7 +52,7 @@ def build_llm_engine(model_config: ModelConfig, cache_dir: Path, has_gpu: bool =
         use_safetensors=True,
         trust_remote_code=model_config.trust_remote_code,
     )
-    model = quantize(model.to(device).eval(), options, device)
+    model = quantize(model.to(device).eval(), options, device)  # type: ignore[arg-type]
     engine = LLMEngine(
         model,
         tokenizer,

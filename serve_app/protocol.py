@@ -25,9 +25,17 @@ MAX_EMBEDDING_INPUTS = 2048
 MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
+def _integral(value: Any) -> Any:
+    # JSON has one number type: 5.0 is an integer to JSON Schema (and json.dumps of a float).
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _exact_type(kind: type) -> BeforeValidator:
     # A Literal matches by equality even in strict mode: 0 == False, True == 1.
     def check(value: Any) -> Any:
+        value = _integral(value) if kind is int else value
         if type(value) is not kind:
             raise ValueError(f"Input should be of type {kind.__name__}")
         return value
@@ -108,6 +116,11 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
+    @field_validator("max_tokens", "top_k", "seed", mode="before")
+    @classmethod
+    def _integral_numbers(cls, value: Any) -> Any:
+        return _integral(value)
+
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
@@ -153,6 +166,11 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
 
+    @field_validator("max_completion_tokens", mode="before")
+    @classmethod
+    def _integral_max_completion_tokens(cls, value: Any) -> Any:
+        return _integral(value)
+
     @model_validator(mode="after")
     def _merge_max_tokens(self) -> ChatCompletionRequest:
         if self.max_completion_tokens is not None:
@@ -167,6 +185,15 @@ class CompletionRequest(_SamplingFields):
     best_of: OnlyOne | None = None
     suffix: None = None
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _integral_token_ids(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list):
+            return [
+                [_integral(i) for i in p] if isinstance(p, list) else _integral(p) for p in prompt
+            ]
+        return prompt
 
     @field_validator("prompt")
     @classmethod
@@ -188,6 +215,11 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def _integral_dimensions(cls, value: Any) -> Any:
+        return _integral(value)
 
     @field_validator("input")
     @classmethod

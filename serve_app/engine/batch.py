@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def _pad_left(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
@@ -40,13 +43,17 @@ class BatchCache:
         batch_len, new_len = int(self.attention_mask.shape[1]), int(new_mask.shape[1])
         kv_len = max(batch_len, new_len)
         old_pad, new_pad = kv_len - batch_len, kv_len - new_len
-        layers = [
-            (
-                torch.cat([_pad_left(old.keys, old_pad, 2), _pad_left(new.keys, new_pad, 2)]),
-                torch.cat([_pad_left(old.values, old_pad, 2), _pad_left(new.values, new_pad, 2)]),
+        layers = []
+        for old, new in zip(_layers(self.cache), _layers(new_cache), strict=True):
+            (old_keys, old_values), (new_keys, new_values) = _kv(old), _kv(new)
+            layers.append(
+                (
+                    torch.cat([_pad_left(old_keys, old_pad, 2), _pad_left(new_keys, new_pad, 2)]),
+                    torch.cat(
+                        [_pad_left(old_values, old_pad, 2), _pad_left(new_values, new_pad, 2)]
+                    ),
+                )
             )
-            for old, new in zip(self.cache.layers, new_cache.layers, strict=True)
-        ]
         self.cache = DynamicCache(ddp_cache_data=layers)
         self.attention_mask = torch.cat(
             [_pad_left(self.attention_mask, old_pad, 1), _pad_left(new_mask, new_pad, 1)]
@@ -76,7 +83,17 @@ class BatchCache:
         first = int(torch.argmax(has_token.int()).item())
         if first == 0:
             return
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[:, :, first:, :]
-            layer.values = layer.values[:, :, first:, :]
+        for layer in _layers(self.cache):
+            keys, values = _kv(layer)
+            layer.keys, layer.values = keys[:, :, first:, :], values[:, :, first:, :]
         self.attention_mask = self.attention_mask[:, first:]
+
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    # A DynamicCache built without a model config holds plain full-attention DynamicLayers.
+    return cast(list[DynamicLayer], cache.layers)
+
+
+def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    assert layer.keys is not None and layer.values is not None  # every row was prefilled
+    return layer.keys, layer.values

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from transformers import (
@@ -13,6 +14,8 @@ from transformers import (
 )
 
 from serve_app.engine.types import SamplingParams
+
+_NO_INPUT_IDS = cast(torch.LongTensor, torch.empty((1, 0), dtype=torch.long))
 
 
 class SamplerState:
@@ -62,7 +65,7 @@ def _apply_penalties(logits: torch.Tensor, states: Sequence[SamplerState]) -> No
 
 
 def _sample_row(row_logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
-    scores = state.warpers(None, row_logits.unsqueeze(0))  # warpers ignore input_ids
+    scores = state.warpers(_NO_INPUT_IDS, row_logits.unsqueeze(0))  # warpers ignore input_ids
     probs = torch.softmax(scores, dim=-1)[0]
     return torch.multinomial(probs, 1, generator=state.generator)[0]
 
