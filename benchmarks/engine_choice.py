@@ -63,11 +63,11 @@ def run_ours(model: object, tokenizer: object, batch: list[list[int]], max_token
     engine.start()
 
     async def one(i: int, ids: list[int]) -> int:
-        last = None
+        num_tokens = 0
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        async for last in engine.generate(str(i), ids, params):
-            pass
-        return last.num_generated_tokens if last else 0
+        async for output in engine.generate(str(i), ids, params):
+            num_tokens = output.num_generated_tokens
+        return num_tokens
 
     async def all_of_them() -> int:
         return sum(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(batch))))
@@ -119,7 +119,8 @@ def main() -> None:
             }
         )
         print(
-            f"batch {size:3d}: ours {ours:7.1f} tok/s   transformers CB {theirs:7.1f} tok/s   ratio {ours / theirs:.2f}x",
+            f"batch {size:3d}: ours {ours:7.1f} tok/s   transformers CB {theirs:7.1f} tok/s"
+            f"   ratio {ours / theirs:.2f}x",
             flush=True,
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
