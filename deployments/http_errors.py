@@ -81,9 +81,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool"}
+
+
 def _param_name(location: list[str]) -> str | None:
-    # pydantic appends the union branch that failed ("str", "list[...]"); drop it.
-    names = [part for part in location if not (part.startswith(("list[", "str", "int")))]
+    # pydantic appends the union branch that failed ("str", "list[int]"); drop it, and only it:
+    # "stream" and "stream_options" start with "str" too.
+    names = [part for part in location if part not in _UNION_TAGS and "[" not in part]
     return ".".join(names) or None
 
 
