@@ -56,6 +56,7 @@ _INFO_TIMEOUT_S = 2.0
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
 MAX_BODY_BYTES = int(os.environ.get("SERVE_APP_MAX_BODY_BYTES", 4 * 1024 * 1024))
+MAX_HEADER_BYTES = int(os.environ.get("SERVE_APP_MAX_HEADER_BYTES", 32 * 1024))
 CORS_ORIGINS = [o for o in os.environ.get("SERVE_APP_CORS_ORIGINS", "").split(",") if o]
 
 app = FastAPI(
@@ -65,7 +66,7 @@ app = FastAPI(
     redoc_url=None,
 )
 install_error_handlers(app)
-app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, max_header_bytes=MAX_HEADER_BYTES)
 if CORS_ORIGINS:  # off by default: the chat page is same-origin
     app.add_middleware(
         CORSMiddleware,

@@ -36,7 +36,9 @@ def hardened_config() -> dict:
     broken.update(id=BROKEN_MODEL, source="/nonexistent/model.gguf")
     args["models"] = [chat, broken]
     args["ingress"]["api_keys"] = [API_KEY]
-    args["ingress"]["request_timeout_s"] = 3
+    # Long enough for the short requests here on a loaded 2-core machine, far shorter than the
+    # 2000-token stream of the deadline test.
+    args["ingress"]["request_timeout_s"] = 15
     return config
 
 
@@ -144,7 +146,7 @@ def test_past_capacity_answers_429_with_retry_after_fast(hardened_url: str) -> N
     for response in refused:
         assert response.headers["retry-after"]
         assert response.json()["error"]["type"] == "rate_limit_error"
-        assert response.elapsed.total_seconds() < 5
+        assert response.elapsed.total_seconds() < 10  # refused at once, not after queueing
 
 
 def test_oversized_body_is_413(hardened_url: str) -> None:

@@ -118,3 +118,9 @@ def test_backpressure_is_429_with_retry_after(client: TestClient) -> None:
     response = client.get("/busy")
     assert error(response, 429)["type"] == "rate_limit_error"
     assert response.headers["retry-after"]
+
+
+def test_oversized_headers_are_431(client: TestClient) -> None:
+    headers = {"Authorization": "Bearer env-key", "X-Big": "a" * 40_000}
+    response = client.post("/v1/chat/completions", json=BODY, headers=headers)
+    assert error(response, 431)["code"] == "headers_too_large"
