@@ -30,8 +30,10 @@ CHROMIUM_ARGS = [
 SCREENSHOT_DIR = Path(__file__).resolve().parents[2] / "test-output" / "browser"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    # Module scope, not session: Playwright's sync API keeps an event loop running in this
+    # thread while it is open, and pytest-asyncio cannot run async tests until it closes.
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/install_browser.sh", pytrace=False)
     with playwright_sync.sync_playwright() as pw:
