@@ -240,7 +240,7 @@ def test_wrong_types_for_every_field_are_400_naming_it(service_url: str) -> None
                     response = client.post(path, json={**VALID[path], field: value})
                     assert_openai_error(response, 400, field)
                     num_sent += 1
-    assert num_sent > 250
+    assert num_sent >= 200  # 251 today: 46 fields, 3-11 wrong values each
 
 
 @pytest.mark.parametrize("path", [CHAT_PATH, COMPLETIONS_PATH, EMBEDDINGS_PATH])
