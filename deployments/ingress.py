@@ -29,6 +29,7 @@ from deployments.static import static_file
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine.types import RequestOutput
 from serve_app.errors import (
+    APIError,
     GenerationTimeoutError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -100,7 +101,7 @@ async def _collect(
         _cancel(stream)  # no-op when finished; frees the slot on timeout or cancellation
     if last is None or last.finish_reason not in ("stop", "length"):
         message = (last.error if last else None) or "generation ended without a result"
-        return JSONResponse(error_body(message, "server_error"), status_code=500)
+        raise APIError(message, code="generation_failed")  # 500 server_error, engine's reason
     num_generated = last.num_generated_tokens
     return full_response(ids, "".join(parts), last.finish_reason, num_prompt, num_generated)
 
@@ -295,7 +296,10 @@ class Ingress:
         model = self._model(model_id)
         if model.kind == "embedding":
             raise InvalidRequestError("stats are kept for generative models", param="model_id")
-        result: dict[str, Any] = await self.handles[model_id].stats.remote()
+        try:
+            result: dict[str, Any] = await self.handles[model_id].stats.remote()
+        except Exception as exc:  # replica dead or restarting: 503, not a bare 500
+            raise upstream_error(model_id, exc) from exc
         return result
 
     @app.get("/admin/status")

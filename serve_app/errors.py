@@ -47,8 +47,9 @@ class ModelNotFoundError(APIError):
     error_type = "invalid_request_error"
 
     def __init__(self, model: str) -> None:
+        shown = model if len(model) <= 100 else model[:100] + "..."  # never echo a huge name
         super().__init__(
-            f"The model '{model}' does not exist. GET /v1/models lists the served models.",
+            f"The model '{shown}' does not exist. GET /v1/models lists the served models.",
             param="model",
             code="model_not_found",
         )

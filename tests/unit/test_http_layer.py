@@ -124,3 +124,10 @@ def test_oversized_headers_are_431(client: TestClient) -> None:
     headers = {"Authorization": "Bearer env-key", "X-Big": "a" * 40_000}
     response = client.post("/v1/chat/completions", json=BODY, headers=headers)
     assert error(response, 431)["code"] == "headers_too_large"
+
+
+def test_unknown_model_error_does_not_echo_a_huge_name() -> None:
+    from serve_app.errors import ModelNotFoundError
+
+    error = ModelNotFoundError("x" * 100_000).to_dict()["error"]
+    assert len(error["message"]) < 300 and error["code"] == "model_not_found"
