@@ -1,0 +1,190 @@
+"""Server targets of the serving benchmark: start one in its own session, wait for health, stop it.
+
+Each server is a child of the benchmark in a new session (its pid is its process group), so
+stopping it kills exactly the processes this benchmark started and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+SMOLLM2_ID = "smollm2-135m-instruct"
+
+
+@dataclass(slots=True)
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    base_url: str
+    model: str  # the `model` field the server expects
+    log_path: Path
+    ready_s: float = 0.0  # from spawn to health 200
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def child_env() -> dict[str, str]:
+    """Environment of the servers: offline hub, no API keys, never someone else's Ray cluster."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SERVE_APP_API_KEYS", "RAY_ADDRESS")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+def derive_serve_config(port: int, model_ids: list[str] | None) -> dict[str, Any]:
+    """config/serve.yaml on 127.0.0.1:`port`, keeping only `model_ids` (all when None)."""
+    config = yaml.safe_load((REPO_ROOT / "config" / "serve.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    if model_ids is not None:
+        for app in config["applications"]:
+            models = app["args"]["models"]
+            app["args"]["models"] = [m for m in models if m["id"] in model_ids]
+    return config
+
+
+def serve_app_command(
+    out_dir: Path, name: str, model_ids: list[str] | None
+) -> tuple[list[str], int]:
+    port = free_port()
+    config_path = out_dir / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(derive_serve_config(port, model_ids), sort_keys=False))
+    return [str(VENV_BIN / "serve"), "run", str(config_path)], port
+
+
+def transformers_serve_command(model_dir: Path, threads: int) -> tuple[list[str], int]:
+    del threads  # transformers serve has no flag; torch's default is every core (2 here)
+    port = free_port()
+    command = [str(VENV_BIN / "transformers"), "serve", str(model_dir), "--continuous-batching"]
+    command += ["--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1"]
+    return [*command, "--port", str(port), "--log-level", "warning"], port
+
+
+def naive_command(model_dir: Path, threads: int) -> tuple[list[str], int]:
+    port = free_port()
+    script = REPO_ROOT / "benchmarks" / "peers" / "naive_server.py"
+    command = [sys.executable, str(script), "--model-dir", str(model_dir)]
+    return [*command, "--port", str(port), "--threads", str(threads)], port
+
+
+@contextlib.contextmanager
+def running(
+    name: str, command: list[str], port: int, model: str, log_path: Path, timeout_s: float
+) -> Iterator[Server]:
+    """Starts a server in its own session, waits for GET /health 200, stops its group after."""
+    started = time.perf_counter()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=child_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Server(name, process, f"http://127.0.0.1:{port}", model, log_path)
+    try:
+        wait_healthy(server, timeout_s)
+        server.ready_s = time.perf_counter() - started
+        yield server
+    finally:
+        stop(process)
+
+
+def wait_healthy(server: Server, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(trust_env=False, timeout=5) as client:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"{server.name} exited early; see {server.log_path}")
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(f"{server.base_url}/health").status_code == 200:
+                    return
+            time.sleep(0.5)
+    raise RuntimeError(f"{server.name} not healthy after {timeout_s:.0f}s; see {server.log_path}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGINT to the server (serve run then stops Ray), then SIGKILL what is left of its group."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+# ---- memory of the SmolLM2 replica -------------------------------------------------------
+
+
+def replica_pids(session_id: int, pattern: str) -> list[int]:
+    """Pids from `ps` whose command matches `pattern` and that belong to our server's session."""
+    out = subprocess.run(
+        ["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True
+    ).stdout
+    pids = []
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and int(parts[1]) == session_id and pattern in parts[2]:
+            pids.append(int(parts[0]))
+    return pids
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    """VmRSS (now), VmHWM (peak), RssAnon and RssFile of a process, in bytes, plus the resident
+    part of mapped *.safetensors files (`rss_safetensors`) and of other files (`rss_other_files`).
+    """
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0]) * 1024
+    return {**fields, **_file_rss(pid)}
+
+
+def _file_rss(pid: int) -> dict[str, int]:
+    out = {"rss_safetensors": 0, "rss_other_files": 0}
+    path = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and ":" not in head[0]:  # a mapping's header line
+            path = head[5] if len(head) > 5 else ""
+        elif head and head[0] == "Rss:" and path.startswith("/"):
+            key = "rss_safetensors" if path.endswith(".safetensors") else "rss_other_files"
+            out[key] += int(head[1]) * 1024
+    return out
+
+
+def safetensors_bytes(model_dir: Path) -> int:
+    """Bytes the weights take in memory: the sum of the tensors in the safetensors files."""
+    import json
+    import struct
+
+    total = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with path.open("rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, info in header.items():
+            if name != "__metadata__":
+                begin, end = info["data_offsets"]
+                total += end - begin
+    return total
