@@ -10,19 +10,16 @@ import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from deployments.metrics import RequestTimer, record_engine_stats
-from deployments.placement import replica_has_gpu
-from serve_app.config import ModelConfig
+from deployments.model_replica import ModelReplica
 from serve_app.engine.llm_engine import LLMEngine
 from serve_app.engine.types import RequestOutput
-from serve_app.errors import APIError, ServiceUnavailableError
+from serve_app.errors import APIError
 from serve_app.loading import build_llm_engine
-from serve_app.model_store import ModelSourceError
 from serve_app.openai_adapter import Admitted, GenerateCall, Rejected, prompt_token_ids
 
 logger = logging.getLogger(__name__)
@@ -32,17 +29,9 @@ _MAX_STEP_SECONDS = 120.0
 
 
 @serve.deployment
-class LLMServer:
+class LLMServer(ModelReplica[LLMEngine]):
     def __init__(self, model_config: dict[str, Any], cache_dir: str) -> None:
-        self.config = ModelConfig.model_validate(model_config)
-        self.engine: LLMEngine | None = None
-        self.load_error: str | None = None
-        try:
-            self.engine = build_llm_engine(self.config, Path(cache_dir), has_gpu=replica_has_gpu())
-        except ModelSourceError as exc:
-            # Keep the replica up so the other models keep serving; this one answers 503.
-            logger.error("model %s unavailable: %s", self.config.id, exc)
-            self.load_error = str(exc)
+        self._load(model_config, cache_dir, build_llm_engine)
 
     async def generate(
         self, call: GenerateCall
@@ -68,15 +57,6 @@ class LLMServer:
                 timer.cancelled()
             record_engine_stats(self.config.id, engine.stats())
 
-    async def info(self) -> dict[str, Any]:
-        return {
-            "id": self.config.id,
-            "ready": self.engine is not None,
-            "context_length": self.engine.max_model_len if self.engine else None,
-            "error": self.load_error,
-            "pid": os.getpid(),
-        }
-
     async def stats(self) -> dict[str, Any]:
         if self.engine is None:
             return {"error": self.load_error, "pid": os.getpid()}
@@ -91,11 +71,3 @@ class LLMServer:
             raise RuntimeError(f"{self.config.id}: inference thread died")
         if engine.is_stuck(_MAX_STEP_SECONDS):
             raise RuntimeError(f"{self.config.id}: inference thread stuck")
-
-    def _ready_engine(self) -> LLMEngine:
-        if self.engine is None:
-            raise ServiceUnavailableError(
-                f"Model '{self.config.id}' is unavailable: {self.load_error}",
-                code="model_unavailable",
-            )
-        return self.engine
