@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 from peers import noise, targets
-from peers.loadgen import Quiet, format_row, http_sender, run_level
+from peers.loadgen import Quiet, format_row, http_sender, run_level, run_quietest_level
 
 from serve_app.config import ModelConfig, app_config_from_serve_config
 from serve_app.model_store import prepare_weights
@@ -74,6 +74,12 @@ def parse_args() -> argparse.Namespace:
         "--quiet-cores", type=float, default=0.3, help="'calm': others use fewer cores than this"
     )
     parser.add_argument(
+        "--noisy-retries",
+        type=int,
+        default=1,
+        help="measure a level again (this many times at most) when others used >= --quiet-cores",
+    )
+    parser.add_argument(
         "--start-when-quiet-s",
         type=float,
         default=0.0,
@@ -112,8 +118,12 @@ async def http_sweep(
         send = http_sender(client, server.base_url, server.model, args.max_tokens)
         rows = []
         for concurrency, num_requests in levels:
-            quiet = Quiet(server.process.pid, args.quiet_cores, args.quiet_wait_s)
-            row = await run_level(send, concurrency, num_requests, args.level_timeout_s, quiet)
+            quiet = Quiet(
+                server.process.pid, args.quiet_cores, args.quiet_wait_s, args.noisy_retries
+            )
+            row = await run_quietest_level(
+                send, concurrency, num_requests, args.level_timeout_s, quiet
+            )
             rows.append(row)
             print(format_row(server.name, row), flush=True)
     return rows
@@ -279,6 +289,14 @@ def plot(results: dict[str, Any], concurrency: list[int], path: Path) -> None:
             ax.plot(xs, [_scaled(r.get(key), scale) for r in rows], "o-", color=color, label=target)
             if key99:
                 ax.plot(xs, [_scaled(r.get(key99), scale) for r in rows], "x--", color=color)
+            cut = [r for r in rows if r["num_timed_out"]]
+            ax.scatter(
+                [r["concurrency"] for r in cut],
+                [_scaled(r.get(key), scale) for r in cut],
+                s=160,
+                facecolors="none",
+                edgecolors="red",
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks(concurrency, [str(x) for x in concurrency])
         if key99:
@@ -288,7 +306,10 @@ def plot(results: dict[str, Any], concurrency: list[int], path: Path) -> None:
         ax.set_xlabel("concurrent requests")
         ax.grid(True, alpha=0.3)
     axes.flat[0].legend()
-    fig.suptitle("SmolLM2-135M-Instruct, CPU float32, greedy, streamed chat completions")
+    fig.suptitle(
+        "SmolLM2-135M-Instruct, CPU float32, greedy, streamed chat completions "
+        "(red ring: level cut at its time limit; latencies of finished requests only)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -314,7 +335,7 @@ def run_target(
     if name == "offline-engine":
         from peers.offline import run_offline
 
-        quiet = Quiet(None, args.quiet_cores, args.quiet_wait_s)
+        quiet = Quiet(None, args.quiet_cores, args.quiet_wait_s, args.noisy_retries)
         return run_offline(
             model_config, cache_dir, levels, args.max_tokens, args.level_timeout_s, quiet
         )
@@ -401,6 +422,7 @@ def main() -> None:
             "level_timeout_s": args.level_timeout_s,
             "quiet_wait_s": args.quiet_wait_s,
             "quiet_cores": args.quiet_cores,
+            "noisy_retries": args.noisy_retries,
             "weights_bytes": weights_bytes,
             "total_s": time.perf_counter() - started,
         },

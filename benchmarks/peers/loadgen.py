@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
 from peers import noise
 
 # Fixed, deterministic chat prompts that ask for long answers, so most requests run to
@@ -118,11 +119,28 @@ def _take_event(event: dict[str, Any], result: RequestResult, elapsed_s: float) 
 
 @dataclass(slots=True)
 class Quiet:
-    """Before a level, wait up to max_wait_s for other processes to use under max_cores."""
+    """Before a level, wait up to max_wait_s for other processes to use under max_cores; a level
+    during which they used more is measured again, up to max_retries times (quietest kept)."""
 
     session_id: int | None = None  # the server's session: its processes are ours, not noise
     max_cores: float = 0.3
     max_wait_s: float = 0.0
+    max_retries: int = 0
+
+
+async def run_quietest_level(
+    send: Sender, concurrency: int, num_requests: int, timeout_s: float, quiet: Quiet
+) -> dict[str, Any]:
+    """run_level, repeated while other processes were busy; returns the quietest attempt."""
+    attempts = []
+    for _ in range(quiet.max_retries + 1):
+        attempts.append(await run_level(send, concurrency, num_requests, timeout_s, quiet))
+        if attempts[-1]["cores_others"] < quiet.max_cores:
+            break
+    best = dict(min(attempts, key=lambda row: row["cores_others"]))
+    keys = ("output_tok_s", "cores_others", "num_timed_out")
+    best["attempts"] = [{key: row[key] for key in keys} for row in attempts]
+    return best
 
 
 async def run_level(
@@ -168,8 +186,11 @@ async def run_level(
     duration_s = time.perf_counter() - started
     summary = summarize(results, duration_s)
     summary.update(concurrency=concurrency, loadavg_1m=[load_before, os.getloadavg()[0]])
-    cores = noise.cores_used(cpu_before, noise.snapshot(quiet.session_id))
+    cpu_after = noise.snapshot(quiet.session_id)
+    cores = noise.cores_used(cpu_before, cpu_after)
     summary.update(cores)
+    by_process = noise.server_cores_by_process(cpu_before, cpu_after)
+    summary["server_cores_by_process"] = {k: v for k, v in by_process.items() if v >= 0.01}
     server_cpu_s = cores["cores_server"] * duration_s
     summary["tok_per_server_cpu_s"] = (
         summary["output_tokens"] / server_cpu_s if server_cpu_s else None

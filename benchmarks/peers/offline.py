@@ -11,8 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peers.loadgen import Quiet, RequestResult, Sender, format_row, messages_for, run_level
-
+from peers.loadgen import (
+    Quiet,
+    RequestResult,
+    Sender,
+    format_row,
+    messages_for,
+    run_level,
+    run_quietest_level,
+)
 from serve_app.config import ModelConfig
 from serve_app.engine.llm_engine import LLMEngine
 from serve_app.engine.types import SamplingParams
@@ -53,7 +60,7 @@ async def _sweep(
     rows = []
     for concurrency, num_requests in levels:
         send = engine_sender(engine, max_tokens, f"c{concurrency}")
-        row = await run_level(send, concurrency, num_requests, timeout_s, quiet)
+        row = await run_quietest_level(send, concurrency, num_requests, timeout_s, quiet)
         rows.append(row)
         print(format_row("offline-engine", row), flush=True)
     return rows
