@@ -1,6 +1,7 @@
 """The HTTP front door (FastAPI on Ray Serve): validates, routes by `model`, streams SSE.
 
-It holds one DeploymentHandle per model and imports no torch, so it starts fast.
+It holds one DeploymentHandle per model (each model is a Serve application of its own, found
+by name) and imports no torch, so it starts fast.
 """
 
 import asyncio
@@ -26,7 +27,7 @@ from deployments.body_limit import BodySizeLimit
 from deployments.http_errors import install_error_handlers, rejected_to_error, upstream_error
 from deployments.metrics import record_error
 from deployments.static import static_file
-from serve_app.config import AppConfig, ModelConfig
+from serve_app.config import IngressAppConfig, ModelRoute
 from serve_app.engine.types import RequestOutput
 from serve_app.errors import (
     APIError,
@@ -204,8 +205,15 @@ def _sse(payload: dict[str, Any]) -> str:
 
 
 class Ingress:
-    def __init__(self, app_config: dict[str, Any], model_handles: dict[str, DeploymentHandle]):
-        self.config = AppConfig.model_validate(app_config)
+    def __init__(
+        self, app_config: dict[str, Any], model_handles: dict[str, DeploymentHandle] | None
+    ):
+        """`app_config`: IngressAppConfig's fields. `model_handles`: the models bound into the
+        same application (build_app); None reaches each model's own application by its id."""
+        self.config = IngressAppConfig.model_validate(app_config)
+        if model_handles is None:
+            ids = [m.id for m in self.config.models]
+            model_handles = {model_id: DeploymentHandle(model_id, model_id) for model_id in ids}
         self.handles = model_handles
         self.started_at = int(time.time())
         self.context_lengths: dict[str, int] = {}
@@ -322,7 +330,7 @@ class Ingress:
     # ---- generation --------------------------------------------------------------------
 
     async def _generate(
-        self, model: ModelConfig, call: GenerateCall, is_stream: bool, include_usage: bool
+        self, model: ModelRoute, call: GenerateCall, is_stream: bool, include_usage: bool
     ) -> Response:
         handle = self.handles[model.id].options(stream=True)
         stream: DeploymentResponseGenerator | None = None
@@ -351,13 +359,13 @@ class Ingress:
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _model(self, model_id: str) -> ModelConfig:
+    def _model(self, model_id: str) -> ModelRoute:
         model = self.config.model(model_id)
         if model is None:
             raise ModelNotFoundError(model_id)
         return model
 
-    def _card(self, model: ModelConfig, info: dict[str, Any] | None) -> ModelCard:
+    def _card(self, model: ModelRoute, info: dict[str, Any] | None) -> ModelCard:
         if info and info.get("context_length"):
             self.context_lengths[model.id] = info["context_length"]
         return ModelCard(

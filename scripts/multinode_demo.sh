@@ -130,17 +130,17 @@ write_config() {
 import sys
 import yaml
 
-config = yaml.safe_load(open("config/serve.yaml"))
+from serve_app.config import ingress_deployment, model_entries, with_models
+
+pins = {"$WORKER_MODEL": "worker_node", "$HEAD_MODEL": "head_node"}
+config = with_models(yaml.safe_load(open("config/serve.yaml")), set(pins))
 config["proxy_location"] = "HeadOnly"  # both nodes share one machine, so one port
 config["http_options"] = {"host": "127.0.0.1", "port": $HTTP_PORT}
-args = config["applications"][0]["args"]
-pins = {"$WORKER_MODEL": "worker_node", "$HEAD_MODEL": "head_node"}
-args["models"] = [m for m in args["models"] if m["id"] in pins]
-for model in args["models"]:
+for model_id, model in model_entries(config).items():
     options = model["deployment"]["ray_actor_options"]
-    options["resources"] = {pins[model["id"]]: 0.01}
+    options["resources"] = {pins[model_id]: 0.01}
     model["engine"].update(torch_threads=1, max_num_seqs=min(4, model["engine"].get("max_num_seqs", 4)))
-args["ingress"]["deployment"]["ray_actor_options"]["resources"] = {"head_node": 0.01}
+ingress_deployment(config)["ray_actor_options"]["resources"] = {"head_node": 0.01}
 yaml.safe_dump(config, open(sys.argv[1], "w"), sort_keys=False)
 EOF
 }
@@ -153,15 +153,23 @@ cmd_deploy() {
   "$SERVE" deploy "$MULTINODE_DIR/serve.yaml" --address "$DASHBOARD_URL"
   local deadline=$((SECONDS + STEP_TIMEOUT_S)) status=""
   while [ $SECONDS -lt $deadline ]; do
-    status=$("$SERVE" status --address "$DASHBOARD_URL" 2>/dev/null \
-      | "$PY" -c 'import sys,yaml; d=yaml.safe_load(sys.stdin) or {}; print(((d.get("applications") or {}).get("serve-app") or {}).get("status", ""))' || true)
+    # One application per model plus the ingress's: RUNNING once every one of them is.
+    status=$("$SERVE" status --address "$DASHBOARD_URL" 2>/dev/null | "$PY" -c "$(cat <<'EOF'
+import sys, yaml
+
+apps = (yaml.safe_load(sys.stdin) or {}).get("applications") or {}
+states = {app.get("status", "") for app in apps.values()}
+failed = states & {"DEPLOY_FAILED", "UNHEALTHY"}
+print(failed.pop() if failed else "RUNNING" if apps and states == {"RUNNING"} else "DEPLOYING")
+EOF
+)" || true)
     case "$status" in
       RUNNING) break ;;
       DEPLOY_FAILED | UNHEALTHY) "$SERVE" status --address "$DASHBOARD_URL" >&2; exit 1 ;;
     esac
     sleep 2
   done
-  [ "$status" = RUNNING ] || { echo "app not RUNNING after ${STEP_TIMEOUT_S}s ($status)" >&2; exit 1; }
+  [ "$status" = RUNNING ] || { echo "apps not RUNNING after ${STEP_TIMEOUT_S}s ($status)" >&2; exit 1; }
   until curl -fsS "$HTTP_URL/health" >/dev/null 2>&1; do
     [ $SECONDS -lt $deadline ] || { echo "$HTTP_URL/health never answered 200" >&2; exit 1; }
     sleep 1
@@ -194,10 +202,12 @@ roles = {
     for n in nodes["data"]["result"]["result"]
     if n["state"] == "ALIVE"
 }
-apps = httpx.get(f"{base}/api/serve/applications/", headers=headers).json()
-for name, deployment in apps["applications"]["serve-app"]["deployments"].items():
-    for replica in deployment["replicas"]:
-        print(f"  {name:24} {replica['state']:8} node {replica['node_id'][:12]} ({roles[replica['node_id']]})")
+apps = httpx.get(f"{base}/api/serve/applications/", headers=headers).json()["applications"]
+for app_name, app in apps.items():
+    for name, deployment in app["deployments"].items():
+        for replica in deployment["replicas"]:
+            where = f"node {replica['node_id'][:12]} ({roles[replica['node_id']]})"
+            print(f"  {app_name:24} {name:24} {replica['state']:8} {where}")
 EOF
 }
 

@@ -1,7 +1,9 @@
-"""The app's arguments in config/serve.yaml (models, sources, engine and deployment options)."""
+"""The applications' arguments in config/serve.yaml (models, sources, engine and deployment
+options), and reading them back out of a Ray Serve config file, whichever its layout."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -19,10 +21,21 @@ CAPABILITIES: dict[str, list[str]] = {
 }
 
 DEFAULT_CACHE_DIR = "~/.cache/serve-app"
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _check_unique_ids(ids: list[str]) -> None:
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate model ids: {duplicates}")
+
+
+def _expand(path: str) -> str:
+    return str(Path(os.path.expandvars(path)).expanduser())
 
 
 class EngineOptions(_Strict):
@@ -63,7 +76,7 @@ class DeploymentOptions(_Strict):
 
 
 class ModelConfig(_Strict):
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    id: str = Field(pattern=MODEL_ID_PATTERN)
     kind: ModelKind
     source: str = Field(
         description="pkg://<package>/<path>, pkg-assemble://<package>, hf://<repo id>, or a path"
@@ -92,7 +105,52 @@ class IngressOptions(_Strict):
     )
 
 
+class ModelRoute(_Strict):
+    """What the ingress knows of a model: its id (= its application's and deployment's name)
+    and its kind."""
+
+    id: str = Field(pattern=MODEL_ID_PATTERN)
+    kind: ModelKind
+
+    @property
+    def capabilities(self) -> list[str]:
+        return CAPABILITIES[self.kind]
+
+
+class IngressAppConfig(_Strict):
+    """Args of the ingress application: the routing table and the ingress's own options, none of
+    the models' options, so one model's change leaves this application (and its code version)
+    alone."""
+
+    models: list[ModelRoute] = Field(min_length=1)
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: list[ModelRoute]) -> list[ModelRoute]:
+        _check_unique_ids([m.id for m in models])
+        return models
+
+    def model(self, model_id: str) -> ModelRoute | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+
+class ModelAppConfig(_Strict):
+    """Args of one model's application (application name = deployment name = model id)."""
+
+    cache_dir: str = DEFAULT_CACHE_DIR
+    model: ModelConfig
+
+    @model_validator(mode="after")
+    def _expand_cache_dir(self) -> ModelAppConfig:
+        self.cache_dir = _expand(self.cache_dir)
+        return self
+
+
 class AppConfig(_Strict):
+    """Every model with the ingress: what a whole serving config file describes (and the args of
+    `build_app`, which serves all of it as one application)."""
+
     cache_dir: str = DEFAULT_CACHE_DIR
     models: list[ModelConfig] = Field(min_length=1)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
@@ -100,19 +158,20 @@ class AppConfig(_Strict):
     @field_validator("models")
     @classmethod
     def _unique_ids(cls, models: list[ModelConfig]) -> list[ModelConfig]:
-        ids = [m.id for m in models]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
-        if duplicates:
-            raise ValueError(f"duplicate model ids: {duplicates}")
+        _check_unique_ids([m.id for m in models])
         return models
 
     @model_validator(mode="after")
     def _expand_cache_dir(self) -> AppConfig:
-        self.cache_dir = str(Path(os.path.expandvars(self.cache_dir)).expanduser())
+        self.cache_dir = _expand(self.cache_dir)
         return self
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
+
+    def ingress_app_config(self) -> IngressAppConfig:
+        routes = [ModelRoute(id=m.id, kind=m.kind) for m in self.models]
+        return IngressAppConfig(models=routes, ingress=self.ingress)
 
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:
@@ -124,9 +183,92 @@ def load_serve_config(path: str | Path) -> dict[str, Any]:
 
 
 def app_config_from_serve_config(path: str | Path, app_name: str | None = None) -> AppConfig:
-    """Reads the `args` of our application out of a Ray Serve config file."""
+    """Every model and the ingress options, read out of a Ray Serve config file.
+
+    Either layout: one application per model (`args.model`) next to the ingress application,
+    whose `args.models` routes ids to kinds (config/serve.yaml); or one application holding every
+    model in its `args.models` (`build_app`). `app_name` names the ingress (or the single)
+    application when the file holds more than one service.
+    """
     apps = load_serve_config(path).get("applications") or []
-    for app in apps:
-        if app_name is None or app.get("name") == app_name:
-            return AppConfig.model_validate(app.get("args") or {})
-    raise ValueError(f"{path}: no application named {app_name!r}")
+    try:
+        return app_config_from_applications(apps, app_name)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def app_config_from_applications(
+    apps: list[dict[str, Any]], app_name: str | None = None
+) -> AppConfig:
+    front = next((a for a in apps if app_name in (None, a.get("name")) and _routes(a)), None)
+    if front is None:
+        raise ValueError(f"no application named {app_name!r} with args.models")
+    if all("source" in m for m in _routes(front)):  # everything in one application
+        return AppConfig.model_validate(front["args"])
+    ingress = IngressAppConfig.model_validate(front["args"])
+    model_apps = {a.get("name"): a["args"] for a in apps if "model" in (a.get("args") or {})}
+    routed = [r.id for r in ingress.models]
+    unknown = sorted(set(routed) - set(model_apps))
+    unrouted = sorted(set(model_apps) - set(routed), key=str)
+    if unknown or unrouted:
+        raise ValueError(
+            f"the routing table of {front.get('name')!r} and the model applications differ: "
+            f"routed without an application {unknown}, applications not routed {unrouted}"
+        )
+    models = [ModelAppConfig.model_validate(model_apps[model_id]) for model_id in routed]
+    for route, app in zip(ingress.models, models, strict=True):
+        if (app.model.id, app.model.kind) != (route.id, route.kind):
+            raise ValueError(
+                f"application {route.id!r} holds model {app.model.id!r} ({app.model.kind}), "
+                f"routed as {route.id!r} ({route.kind})"
+            )
+    cache_dirs = sorted({app.cache_dir for app in models})
+    if len(cache_dirs) != 1:
+        raise ValueError(f"the model applications name different cache_dirs: {cache_dirs}")
+    return AppConfig(
+        cache_dir=cache_dirs[0], models=[app.model for app in models], ingress=ingress.ingress
+    )
+
+
+def _routes(app: dict[str, Any]) -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = (app.get("args") or {}).get("models") or []
+    return routes
+
+
+# ---- editing a parsed Ray Serve config (tests, scripts/multinode_demo.sh) -------------------
+
+
+def model_entries(serve_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Model id -> its entry (id, kind, source, engine, deployment), editable in place."""
+    entries: dict[str, dict[str, Any]] = {}
+    for app in serve_config["applications"]:
+        args = app.get("args") or {}
+        if "model" in args:
+            entries[args["model"]["id"]] = args["model"]
+        entries.update({m["id"]: m for m in args.get("models", []) if "source" in m})
+    return entries
+
+
+def ingress_deployment(serve_config: dict[str, Any]) -> dict[str, Any]:
+    """The ingress's deployment options (`args.ingress.deployment`), editable in place."""
+    for app in serve_config["applications"]:
+        ingress = (app.get("args") or {}).get("ingress")
+        if ingress is not None:
+            deployment: dict[str, Any] = ingress.setdefault("deployment", {})
+            return deployment
+    raise KeyError("no application has args.ingress")
+
+
+def with_models(serve_config: dict[str, Any], model_ids: set[str]) -> dict[str, Any]:
+    """A copy of `serve_config` that serves only these models (applications and routes)."""
+    config = copy.deepcopy(serve_config)
+    kept = []
+    for app in config["applications"]:
+        args = app.get("args") or {}
+        if "model" in args and args["model"]["id"] not in model_ids:
+            continue
+        if "models" in args:
+            args["models"] = [m for m in args["models"] if m["id"] in model_ids]
+        kept.append(app)
+    config["applications"] = kept
+    return config

@@ -10,7 +10,6 @@ it would stop every Ray instance on the machine, other people's included.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import secrets
 import shutil
@@ -226,48 +225,6 @@ def private_cluster(num_cpus: float = 2) -> Iterator[PrivateCluster]:
             shutil.rmtree(state_dir, ignore_errors=True)
         else:
             print(f"private cluster state kept in {state_dir}; killed after SIGTERM: {left}")
-
-
-# ---- Serve configs derived from config/serve.yaml ------------------------------------------
-# Model entries live either in one application's `args.models` (each with its `source`), or
-# each in an application of its own (`args.model`) next to an ingress application whose
-# `args.models` only routes ids to kinds. The helpers below accept both.
-
-
-def model_entries(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Model id -> its entry (id, kind, source, engine, deployment), editable in place."""
-    entries: dict[str, dict[str, Any]] = {}
-    for app in config["applications"]:
-        args = app.get("args") or {}
-        if "model" in args:
-            entries[args["model"]["id"]] = args["model"]
-        entries.update({m["id"]: m for m in args.get("models", []) if "source" in m})
-    return entries
-
-
-def ingress_deployment(config: dict[str, Any]) -> dict[str, Any]:
-    """The ingress's deployment options (`args.ingress.deployment`), editable in place."""
-    for app in config["applications"]:
-        ingress = (app.get("args") or {}).get("ingress")
-        if ingress is not None:
-            deployment: dict[str, Any] = ingress.setdefault("deployment", {})
-            return deployment
-    raise KeyError("no application has args.ingress")
-
-
-def with_models(config: dict[str, Any], model_ids: set[str]) -> dict[str, Any]:
-    """A copy of `config` that serves only these models."""
-    config = copy.deepcopy(config)
-    kept = []
-    for app in config["applications"]:
-        args = app.get("args") or {}
-        if "model" in args and args["model"]["id"] not in model_ids:
-            continue
-        if "models" in args:
-            args["models"] = [m for m in args["models"] if m["id"] in model_ids]
-        kept.append(app)
-    config["applications"] = kept
-    return config
 
 
 def deployment_status(admin_status: dict[str, Any], deployment: str) -> dict[str, Any]:

@@ -19,13 +19,9 @@ import httpx
 import pytest
 import yaml
 
+from serve_app.config import ingress_deployment, model_entries, with_models
 from tests.conftest import OUTPUT_DIR, SERVE_CONFIG, running_service
-from tests.integration.ray_cluster import (
-    deployment_status,
-    ingress_deployment,
-    model_entries,
-    with_models,
-)
+from tests.integration.ray_cluster import deployment_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -14,6 +14,7 @@ import openai
 import pytest
 import yaml
 
+from serve_app.config import model_entries, with_models
 from tests.conftest import SERVE_CONFIG, running_service
 
 pytestmark = pytest.mark.integration
@@ -26,19 +27,23 @@ LONG_ASK = [{"role": "user", "content": "Write a very long story about the sea."
 
 
 def hardened_config() -> dict:
-    config = yaml.safe_load(SERVE_CONFIG.read_text())
-    args = config["applications"][0]["args"]
-    chat = copy.deepcopy(next(m for m in args["models"] if m["id"] == CHAT_MODEL))
+    """SmolLM2 with a batch of one and a queue of one, and a copy of it whose weights are missing
+    (an application of its own, routed as a chat model), behind an ingress with keys."""
+    config = with_models(yaml.safe_load(SERVE_CONFIG.read_text()), {CHAT_MODEL})
+    chat = model_entries(config)[CHAT_MODEL]
     chat["engine"]["max_num_seqs"] = 1
     chat["deployment"]["max_ongoing_requests"] = 1
     chat["deployment"]["max_queued_requests"] = 1
-    broken = copy.deepcopy(chat)
-    broken.update(id=BROKEN_MODEL, source="/nonexistent/model.gguf")
-    args["models"] = [chat, broken]
-    args["ingress"]["api_keys"] = [API_KEY]
+    broken_app = copy.deepcopy(next(a for a in config["applications"] if a["name"] == CHAT_MODEL))
+    broken_app["name"] = BROKEN_MODEL
+    broken_app["args"]["model"].update(id=BROKEN_MODEL, source="/nonexistent/model.gguf")
+    config["applications"].append(broken_app)
+    ingress = next(a["args"] for a in config["applications"] if "ingress" in a["args"])
+    ingress["models"].append({"id": BROKEN_MODEL, "kind": "chat"})
+    ingress["ingress"]["api_keys"] = [API_KEY]
     # Long enough for the short requests here on a loaded 2-core machine, far shorter than the
     # 2000-token stream of the deadline test.
-    args["ingress"]["request_timeout_s"] = 15
+    ingress["ingress"]["request_timeout_s"] = 15
     return config
 
 

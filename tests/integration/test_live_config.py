@@ -20,13 +20,12 @@ import httpx
 import pytest
 import yaml
 
+from serve_app.config import model_entries, with_models
 from tests.conftest import OUTPUT_DIR, SERVE_CONFIG
 from tests.integration.ray_cluster import (
     PrivateCluster,
     is_settled,
-    model_entries,
     private_cluster,
-    with_models,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

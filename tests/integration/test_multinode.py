@@ -93,10 +93,10 @@ def replica_nodes(cluster: dict[str, str]) -> tuple[dict[str, set[str]], dict[st
             roles[node["node_id"]] = role
     apps = httpx.get(f"{base}/api/serve/applications/", headers=headers, timeout=30)
     apps.raise_for_status()
-    deployments = apps.json()["applications"]["serve-app"]["deployments"]
-    placement = {
+    placement = {  # one application per model plus the ingress's; deployment names are unique
         name: {r["node_id"] for r in d["replicas"] if r["state"] == "RUNNING"}
-        for name, d in deployments.items()
+        for app in apps.json()["applications"].values()
+        for name, d in app["deployments"].items()
     }
     return placement, roles
 

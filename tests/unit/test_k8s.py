@@ -1,7 +1,8 @@
 """The KubeRay manifests in k8s/: valid RayServices, generated from config/serve.yaml, placeable.
 
 No cluster needed: the manifests are checked against the RayService CRD's schema (with unknown
-fields rejected), their serveConfigV2 against config/serve.yaml and serve_app.config.AppConfig.
+fields rejected), their serveConfigV2 against config/serve.yaml and serve_app.config (the ingress
+application's routing table against the model applications, each model's args validated).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, app_config_from_applications, app_config_from_serve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_NAME = "ray.io_rayservices.yaml"
@@ -38,7 +39,7 @@ ALLOWED_DIFFERENCES = [
     r"http_options\.host",
     r"applications\[\d+\]\.runtime_env",
     r"applications\[\d+\]\.args\.cache_dir",
-    r"applications\[\d+\]\.args\.models\[\d+\]\.deployment\.ray_actor_options\.num_(cpus|gpus)",
+    r"applications\[\d+\]\.args\.model\.deployment\.ray_actor_options\.num_(cpus|gpus)",
 ]
 
 
@@ -63,8 +64,7 @@ def serve_config_of(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def app_config_of(manifest: dict[str, Any]) -> AppConfig:
-    (app,) = serve_config_of(manifest)["applications"]
-    return AppConfig.model_validate(app["args"])
+    return app_config_from_applications(serve_config_of(manifest)["applications"])
 
 
 def cluster_of(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -199,11 +199,28 @@ def test_serve_config_v2_is_serve_yaml_but_for_the_listed_differences(variant: s
 @pytest.mark.parametrize("variant", sorted(MANIFESTS))
 def test_serve_config_v2_args_validate_and_name_the_same_models(variant: str) -> None:
     config = app_config_of(load_manifest(variant))
-    local = yaml.safe_load((REPO_ROOT / "config" / "serve.yaml").read_text(encoding="utf-8"))
-    assert [m.id for m in config.models] == [
-        m["id"] for m in local["applications"][0]["args"]["models"]
-    ]
+    local = app_config_from_serve_config(REPO_ROOT / "config" / "serve.yaml")
+    assert [m.id for m in config.models] == [m.id for m in local.models]
     assert config.cache_dir.startswith("/")  # an absolute path: the volume mounted there
+
+
+@pytest.mark.parametrize("variant", sorted(MANIFESTS))
+def test_serve_config_v2_has_one_application_per_model_and_the_ingress(variant: str) -> None:
+    apps = serve_config_of(load_manifest(variant))["applications"]
+    by_name = {app["name"]: app for app in apps}
+    config = app_config_of(load_manifest(variant))
+    assert set(by_name) == {"serve-app", *(m.id for m in config.models)}
+    assert by_name["serve-app"]["route_prefix"] == "/"
+    assert by_name["serve-app"]["import_path"] == "deployments.app:build_ingress_app"
+    for model in config.models:
+        assert by_name[model.id]["route_prefix"] is None  # reached through the ingress only
+        assert by_name[model.id]["import_path"] == "deployments.app:build_model_app"
+    # A replaced ingress or LLM replica drains its open streams (up to the request deadline).
+    deadline = config.ingress.request_timeout_s or 0
+    drains = [config.ingress.deployment] + [
+        m.deployment for m in config.models if m.kind != "embedding"
+    ]
+    assert all((d.graceful_shutdown_timeout_s or 0) > deadline for d in drains)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic usage
@@ -222,8 +239,9 @@ def test_serve_config_v2_is_what_ray_serve_and_its_runtime_env_accept(variant: s
 @pytest.mark.parametrize("variant", sorted(MANIFESTS))
 def test_the_cluster_installs_the_project_and_the_model_packages(variant: str) -> None:
     manifest = load_manifest(variant)
-    (app,) = serve_config_of(manifest)["applications"]
-    runtime_env = app["runtime_env"]
+    apps = serve_config_of(manifest)["applications"]
+    runtime_env = apps[0]["runtime_env"]
+    assert all(app["runtime_env"] == runtime_env for app in apps)  # one env to install per node
     assert re.match(r"^(https|s3|gs)://.+\.zip$", runtime_env["working_dir"])
     packages = {re.split(r"[\[<>=!~;\s]", p, maxsplit=1)[0] for p in runtime_env["pip"]["packages"]}
     assert {"torch", "transformers", "gguf", "safetensors", "fastapi", "pydantic"} <= packages

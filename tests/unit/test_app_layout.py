@@ -1,0 +1,97 @@
+"""config/serve.yaml's layout: one Serve application per model plus the ingress application,
+read back whole by app_config_from_serve_config, and the builders its import_paths name."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from serve_app.config import (
+    app_config_from_applications,
+    app_config_from_serve_config,
+    model_entries,
+    with_models,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SERVE_YAML = REPO_ROOT / "config" / "serve.yaml"
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's pydantic usage
+
+
+def serve_config() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(SERVE_YAML.read_text(encoding="utf-8"))
+    return config
+
+
+def test_each_model_is_an_application_of_its_own_behind_the_ingress() -> None:
+    apps = {app["name"]: app for app in serve_config()["applications"]}
+    ingress = apps.pop("serve-app")
+    assert ingress["route_prefix"] == "/"
+    assert ingress["import_path"] == "deployments.app:build_ingress_app"
+    routes = ingress["args"]["models"]
+    assert [set(route) for route in routes] == [{"id", "kind"}] * len(routes)  # no model options
+    assert {route["id"] for route in routes} == set(apps)
+    for name, app in apps.items():
+        assert app["route_prefix"] is None  # reached through the ingress only
+        assert app["import_path"] == "deployments.app:build_model_app"
+        assert app["args"]["model"]["id"] == name
+
+
+def test_the_whole_config_reads_back_as_before() -> None:
+    config = app_config_from_serve_config(SERVE_YAML)
+    assert [m.id for m in config.models] == list(model_entries(serve_config()))
+    assert config.cache_dir.endswith(".cache/serve-app")
+    assert config.ingress.deployment.graceful_shutdown_timeout_s == 630
+
+
+def test_the_single_application_layout_still_reads() -> None:
+    whole = app_config_from_serve_config(SERVE_YAML)
+    single = [{"name": "all", "import_path": "deployments.app:build_app"}]
+    single[0]["args"] = whole.model_dump(mode="json")
+    assert app_config_from_applications(single) == whole
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda apps: apps.pop(), r"routed without an application \['all-minilm-l6-v2'\]"),
+        (lambda apps: apps[0]["args"]["models"].pop(), r"applications not routed \['all-minilm"),
+        (lambda apps: apps[0]["args"]["models"][1].update(kind="chat"), "routed as"),
+        (lambda apps: apps[2]["args"].update(cache_dir="/elsewhere"), "different cache_dirs"),
+    ],
+)
+def test_a_routing_table_that_disagrees_with_the_model_applications_is_refused(
+    edit: Any, message: str
+) -> None:
+    apps = copy.deepcopy(serve_config()["applications"])
+    edit(apps)
+    with pytest.raises(ValueError, match=message):
+        app_config_from_applications(apps)
+
+
+def test_with_models_drops_the_applications_and_the_routes() -> None:
+    config = with_models(serve_config(), {"smollm2-135m-instruct"})
+    assert [app["name"] for app in config["applications"]] == ["serve-app", "smollm2-135m-instruct"]
+    assert [m.id for m in app_config_from_applications(config["applications"]).models] == [
+        "smollm2-135m-instruct"
+    ]
+
+
+def test_the_builders_name_each_deployment_after_its_model() -> None:
+    from deployments.app import build_app, build_ingress_app, build_model_app
+
+    apps = {app["name"]: app for app in serve_config()["applications"]}
+    model = build_model_app(apps["smollm2-135m-instruct"]["args"])._bound_deployment
+    assert model.name == "smollm2-135m-instruct"
+    assert model._deployment_config.graceful_shutdown_timeout_s == 630
+    ingress = build_ingress_app(apps["serve-app"]["args"])._bound_deployment
+    assert ingress.name == "Ingress"
+    assert ingress.init_args[1] is None  # finds each model's application by name at start
+    whole = app_config_from_serve_config(SERVE_YAML).model_dump(mode="json")
+    bound = build_app(whole)._bound_deployment
+    assert set(bound.init_args[1]) == set(apps) - {"serve-app"}  # handles bound in one app
