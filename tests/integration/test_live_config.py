@@ -24,6 +24,7 @@ from serve_app.config import model_entries, with_models
 from tests.conftest import OUTPUT_DIR, SERVE_CONFIG
 from tests.integration.ray_cluster import (
     PrivateCluster,
+    deployment_status,
     is_settled,
     private_cluster,
 )
@@ -205,6 +206,10 @@ class Change:
 
     def problems(self) -> list[str]:
         found = self.stream.problems()
+        if replica_ids(self.after, CHAT) != replica_ids(self.before, CHAT):
+            found.append(
+                f"the {CHAT} replicas changed: {self.before.get(CHAT)} -> {self.after.get(CHAT)}"
+            )
         if self.pid_after != self.pid_before:
             found.append(
                 f"the {CHAT} replica was restarted (pid {self.pid_before} -> {self.pid_after}; "
@@ -299,11 +304,38 @@ def embedding_dims(url: str) -> int:
     return len(response.json()["data"][0]["embedding"])
 
 
-# Not here yet: "add a model / change one model while another streams, its replica untouched".
-# With every model in one Serve application's args, any model change re-hashes the app and
-# restarts every deployment (an open stream is cut ~20 s into the roll). The fix, one Serve
-# application per model, is in docs/proposals/one-app-per-model.patch and docs/operations.md;
-# the tests for it go back in with that change.
+def test_adding_a_model_leaves_an_open_stream_and_its_replica_alone(
+    cluster: PrivateCluster,
+) -> None:
+    assert embed(cluster.http_url).status_code == 404
+    change = deploy_during_stream(cluster, both_models(), "add-embedding")
+
+    models = httpx.get(f"{cluster.http_url}/v1/models", timeout=30).json()["data"]
+    assert {m["id"] for m in models} == {CHAT, EMBED}
+    assert embedding_dims(cluster.http_url) == 384
+    assert deployment_status(admin_status(cluster.http_url), EMBED)["replicas"] == {"RUNNING": 1}
+    problems = change.problems()
+    assert not problems, "\n".join(problems)
+
+
+def test_changing_only_the_embedding_model_leaves_the_chat_model_alone(
+    cluster: PrivateCluster,
+) -> None:
+    if embed(cluster.http_url).status_code != 200:  # run alone: deploy the starting point first
+        cluster.deploy(both_models(), "both")
+        cluster.wait_settled(both_models())
+        wait_healthy(cluster.http_url)
+    config = smaller_embedding_batches()
+    change = deploy_during_stream(cluster, config, "embedding-batch-size")
+
+    # In effect: Serve runs the new engine options and replaced the embedding replica.
+    deployed = {"applications": [a["deployed_app_config"] for a in cluster.applications().values()]}
+    new_size = model_entries(config)[EMBED]["engine"]["max_batch_size"]
+    assert model_entries(deployed)[EMBED]["engine"]["max_batch_size"] == new_size
+    assert replica_ids(change.after, EMBED).isdisjoint(replica_ids(change.before, EMBED))
+    assert embedding_dims(cluster.http_url) == 384
+    problems = change.problems()
+    assert not problems, "\n".join(problems)
 
 
 def test_a_serve_level_override_of_a_lightweight_option_restarts_nothing(
