@@ -1,13 +1,68 @@
-"""The running batch's KV cache: rows join (left-padded) and leave between decode steps."""
+"""The running batch's KV cache: rows join (left-padded) and leave between decode steps.
+
+Each layer's keys/values live in a buffer with spare columns on the right, so a decode step
+writes its new column in place instead of copying the whole cache (transformers' DynamicLayer
+concatenates every step: measured 10-17% of a SmolLM2 decode step at batch 16-32 on CPU).
+"""
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+
+def _spare_columns(length: int) -> int:
+    # Room for the next steps: a regrow (one copy) every 64 + length/8 steps.
+    return 64 + length // 8
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views of a buffer with room to grow in place."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self._length = 0
+        self._key_buffer = self._value_buffer = keys  # replaced by _refill
+        self._refill(keys, values)
+
+    def _refill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copies keys/values [rows, heads, length, dim] into fresh buffers with spare columns."""
+        rows, heads, length, _ = keys.shape
+        columns = length + _spare_columns(length)
+        self._key_buffer = keys.new_empty((rows, heads, columns, keys.shape[3]))
+        self._value_buffer = values.new_empty((rows, values.shape[1], columns, values.shape[3]))
+        self._key_buffer[:, :, :length].copy_(keys)
+        self._value_buffer[:, :, :length].copy_(values)
+        self._set_length(length)
+
+    def _set_length(self, length: int) -> None:
+        self._length = length
+        self.keys = self._key_buffer[:, :, :length]
+        self.values = self._value_buffer[:, :, :length]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self._length, self._length + int(key_states.shape[2])
+        if end > self._key_buffer.shape[2]:
+            self._refill(self._key_buffer[:, :, :start], self._value_buffer[:, :, :start])
+        self._key_buffer[:, :, start:end].copy_(key_states)
+        self._value_buffer[:, :, start:end].copy_(value_states)
+        self._set_length(end)
+        return self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+
+    def keep(self, rows: torch.Tensor, first_column: int) -> None:
+        """Keeps only these rows and the columns from first_column on (one copy)."""
+        keys, values = _kv(self)
+        self._refill(keys[rows, :, first_column:], values[rows, :, first_column:])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keep(indices, 0)
 
 
 def _pad_left(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
@@ -38,7 +93,8 @@ class BatchCache:
     def append_rows(self, new_cache: DynamicCache, new_mask: torch.Tensor) -> None:
         """Adds freshly prefilled rows (their cache and left-padded mask) after the others."""
         if self.cache is None or self.attention_mask is None:
-            self.cache, self.attention_mask = new_cache, new_mask
+            layers = [_kv(layer) for layer in _layers(new_cache)]
+            self.cache, self.attention_mask = _growing_cache(layers), new_mask
             return
         batch_len, new_len = int(self.attention_mask.shape[1]), int(new_mask.shape[1])
         kv_len = max(batch_len, new_len)
@@ -54,7 +110,7 @@ class BatchCache:
                     ),
                 )
             )
-        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.cache = _growing_cache(layers)
         self.attention_mask = torch.cat(
             [_pad_left(self.attention_mask, old_pad, 1), _pad_left(new_mask, new_pad, 1)]
         )
@@ -67,26 +123,23 @@ class BatchCache:
         return self.attention_mask
 
     def keep_rows(self, row_indices: list[int]) -> None:
-        """Drops every row not listed (finished or aborted), then trims all-padding columns."""
+        """Drops every row not listed (finished or aborted) and the all-padding columns left."""
         if not row_indices:
             self.cache, self.attention_mask = None, None
             return
         assert self.cache is not None and self.attention_mask is not None
         index = torch.tensor(row_indices, device=self.attention_mask.device)
-        self.cache.batch_select_indices(index)
-        self.attention_mask = self.attention_mask.index_select(0, index)
-        self._trim_left_padding()
-
-    def _trim_left_padding(self) -> None:
-        assert self.cache is not None and self.attention_mask is not None
-        has_token = self.attention_mask.any(dim=0)
-        first = int(torch.argmax(has_token.int()).item())
-        if first == 0:
-            return
+        mask = self.attention_mask.index_select(0, index)
+        first = int(torch.argmax(mask.any(dim=0).int()).item())  # first column with a token
         for layer in _layers(self.cache):
-            keys, values = _kv(layer)
-            layer.keys, layer.values = keys[:, :, first:, :], values[:, :, first:, :]
-        self.attention_mask = self.attention_mask[:, first:]
+            cast(GrowingLayer, layer).keep(index, first)
+        self.attention_mask = mask[:, first:]
+
+
+def _growing_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer(keys, values) for keys, values in layers]
+    return cache
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:

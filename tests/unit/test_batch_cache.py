@@ -1,0 +1,49 @@
+"""The batch KV cache grows in place and keeps exactly the rows and columns asked for."""
+
+from __future__ import annotations
+
+import torch
+
+from serve_app.engine.batch import GrowingLayer, _spare_columns
+
+
+def _kv(rows: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn((rows, 2, length, 4), generator=generator)
+    return keys, torch.randn((rows, 2, length, 4), generator=generator)
+
+
+def test_update_in_place_equals_concatenation_across_regrowth() -> None:
+    keys, values = _kv(3, 5, seed=0)
+    layer = GrowingLayer(keys, values)
+    expected_keys, expected_values = keys, values
+    buffer_before = layer._key_buffer
+    steps = _spare_columns(5) + 3  # past the first buffer's spare room: one regrow
+    for step in range(steps):
+        new_keys, new_values = _kv(3, 1, seed=step + 1)
+        got_keys, got_values = layer.update(new_keys, new_values)
+        expected_keys = torch.cat([expected_keys, new_keys], dim=2)
+        expected_values = torch.cat([expected_values, new_values], dim=2)
+        assert torch.equal(got_keys, expected_keys)
+        assert torch.equal(got_values, expected_values)
+    assert layer.get_seq_length() == 5 + steps
+    assert layer._key_buffer is not buffer_before  # it did regrow, and stayed equal
+
+
+def test_steps_within_spare_room_write_into_the_same_buffer() -> None:
+    layer = GrowingLayer(*_kv(2, 4, seed=0))
+    buffer = layer._key_buffer
+    for step in range(_spare_columns(4)):
+        layer.update(*_kv(2, 1, seed=step + 1))
+    assert layer._key_buffer is buffer
+
+
+def test_keep_selects_rows_and_drops_left_columns() -> None:
+    keys, values = _kv(4, 6, seed=0)
+    layer = GrowingLayer(keys, values)
+    layer.keep(torch.tensor([3, 1]), first_column=2)
+    assert torch.equal(layer.keys, keys[[3, 1], :, 2:])
+    assert torch.equal(layer.values, values[[3, 1], :, 2:])
+    new_keys, new_values = _kv(2, 1, seed=9)
+    got_keys, _ = layer.update(new_keys, new_values)
+    assert torch.equal(got_keys, torch.cat([keys[[3, 1], :, 2:], new_keys], dim=2))
