@@ -34,7 +34,7 @@ from serve_app.model_store import prepare_weights
 HTTP_TARGETS = ("serve-app", "transformers-serve", "naive")
 ALL_TARGETS = (*HTTP_TARGETS, "offline-engine", "warm-start")
 REFERENCE = "transformers-serve"
-REPLICA_PATTERN = "ServeReplica:serve-app:smollm2"
+REPLICA_PATTERN = "ServeReplica:smollm2-135m-instruct:"  # one Serve app per model
 GOALS = {  # name: (what, comparison, threshold)
     "c16_tok_s_vs_transformers": (
         "aggregate tok/s at c=16, serve-app / transformers serve",

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import yaml
 
+from serve_app.config import with_models
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SMOLLM2_ID = "smollm2-135m-instruct"
@@ -53,11 +55,7 @@ def derive_serve_config(port: int, model_ids: list[str] | None) -> dict[str, Any
     """config/serve.yaml on 127.0.0.1:`port`, keeping only `model_ids` (all when None)."""
     config = yaml.safe_load((REPO_ROOT / "config" / "serve.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
-    if model_ids is not None:
-        for app in config["applications"]:
-            models = app["args"]["models"]
-            app["args"]["models"] = [m for m in models if m["id"] in model_ids]
-    return config
+    return config if model_ids is None else with_models(config, set(model_ids))
 
 
 def serve_app_command(
