@@ -200,7 +200,8 @@ def compute_ratios(results: dict[str, Any], weights_bytes: int) -> dict[str, Any
         return row.get(key) if row else None
 
     ours16, ours1 = metric("serve-app", 16, "output_tok_s"), metric("serve-app", 1, "output_tok_s")
-    memory = (results.get("serve-app") or {}).get("memory", {}).get("after_sweep", {})
+    memories = (results.get("serve-app") or {}).get("memory", {})
+    memory, warm = memories.get("after_sweep", {}), memories.get("after_warmup", {})
     values = {
         "c16_tok_s_vs_transformers": ratio(ours16, metric(REFERENCE, 16, "output_tok_s")),
         "c1_tok_s_vs_transformers": ratio(ours1, metric(REFERENCE, 1, "output_tok_s")),
@@ -210,6 +211,8 @@ def compute_ratios(results: dict[str, Any], weights_bytes: int) -> dict[str, Any
         "http_vs_offline_c16": ratio(ours16, metric("offline-engine", 16, "output_tok_s")),
         "warm_start_s": (results.get("warm-start") or {}).get("startup_s"),
         "rss_vs_weights": ratio(memory.get("VmHWM"), weights_bytes),
+        "rss_after_warmup_vs_weights": ratio(warm.get("VmRSS"), weights_bytes),
+        "rss_idle_after_sweep_vs_weights": ratio(memory.get("VmRSS"), weights_bytes),
         "c16_tok_s_vs_naive": ratio(ours16, metric("naive", 16, "output_tok_s")),
         "c16_tok_per_cpu_s_vs_transformers": ratio(
             metric("serve-app", 16, "tok_per_server_cpu_s"),
