@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = {"max_tokens": args.max_tokens, "temperature": args.temperature}
         return chat_loop(args.url, args.model, args.system, settings)
-    bench = [sys.executable, str(REPO_ROOT / "benchmarks" / "serving.py"), *args.bench_args]
+    passed = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    bench = [sys.executable, str(REPO_ROOT / "benchmarks" / "serving.py"), *passed]
     os.execv(sys.executable, bench)
 
 
