@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
 from deployments.model_replica import ModelReplica
-from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.errors import APIError, InvalidRequestError
-from serve_app.loading import build_embedding_engine
 from serve_app.openai_adapter import Rejected
+
+if TYPE_CHECKING:
+    from serve_app.engine.embedding import EmbeddingEngine  # noqa: F401 (the base class names it)
 
 logger = logging.getLogger(__name__)
 
 
 @serve.deployment
-class EmbeddingServer(ModelReplica[EmbeddingEngine]):
+class EmbeddingServer(ModelReplica["EmbeddingEngine"]):
     def __init__(self, model_config: dict[str, Any], cache_dir: str) -> None:
+        from serve_app.loading import build_embedding_engine  # torch in the replica only
+
         self._load(model_config, cache_dir, build_embedding_engine)
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int] | Rejected:

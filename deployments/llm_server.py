@@ -10,17 +10,18 @@ import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
 from deployments.metrics import RequestTimer, record_engine_stats
 from deployments.model_replica import ModelReplica
-from serve_app.engine.llm_engine import LLMEngine
 from serve_app.engine.types import RequestOutput
 from serve_app.errors import APIError
-from serve_app.loading import build_llm_engine
 from serve_app.openai_adapter import Admitted, GenerateCall, Rejected, prompt_token_ids
+
+if TYPE_CHECKING:
+    from serve_app.engine.llm_engine import LLMEngine  # noqa: F401 (the base class names it)
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,12 @@ _MAX_STEP_SECONDS = 120.0
 
 
 @serve.deployment
-class LLMServer(ModelReplica[LLMEngine]):
+class LLMServer(ModelReplica["LLMEngine"]):
     def __init__(self, model_config: dict[str, Any], cache_dir: str) -> None:
+        # Imported here: torch and transformers load in the replica only, not in the Serve
+        # controller's app-building task (4 apps built in parallel on 2 cores: ~8 s of warm start).
+        from serve_app.loading import build_llm_engine
+
         self._load(model_config, cache_dir, build_llm_engine)
 
     async def generate(

@@ -7,18 +7,20 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from deployments.placement import replica_has_gpu
 from serve_app.config import ModelConfig
-from serve_app.engine.embedding import EmbeddingEngine
-from serve_app.engine.llm_engine import LLMEngine
 from serve_app.errors import ServiceUnavailableError
 from serve_app.model_store import ModelSourceError
 
+if TYPE_CHECKING:  # torch stays out of the processes that only build the Serve apps
+    from serve_app.engine.embedding import EmbeddingEngine
+    from serve_app.engine.llm_engine import LLMEngine
+
 logger = logging.getLogger(__name__)
 
-EngineT = TypeVar("EngineT", LLMEngine, EmbeddingEngine)
+EngineT = TypeVar("EngineT", "LLMEngine", "EmbeddingEngine")
 
 
 class ModelReplica(Generic[EngineT]):
