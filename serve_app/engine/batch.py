@@ -61,9 +61,6 @@ class GrowingLayer(DynamicLayer):
         keys, values = _kv(self)
         self._refill(keys[rows, :, first_column:], values[rows, :, first_column:])
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.keep(indices, 0)
-
 
 def _pad_left(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
     if amount == 0:

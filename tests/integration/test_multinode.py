@@ -15,6 +15,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.integration.ray_cluster import session_members
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,20 +43,6 @@ def run_step(step: str, env: dict[str, str], timeout_s: float) -> None:
         timeout=timeout_s,
     )
     assert result.returncode == 0, f"{step} failed:\n{result.stdout}\n{result.stderr}"
-
-
-def session_members(session_id: int) -> list[int]:
-    """Live (non-zombie) processes in a session: a node's `ray start` and all it spawned."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        state, session = fields[0], int(fields[3])
-        if session == session_id and state != "Z":
-            members.append(int(stat.parent.name))
-    return members
 
 
 @pytest.fixture(scope="module")
