@@ -100,7 +100,7 @@ def profile_steps(engine: LLMEngine, num_steps: int) -> str:
     profiler.enable()
     started = time.perf_counter()
     probe._drain_inbox(block=False)
-    probe._admit_waiting()
+    probe._prefill_next()
     while probe._running:
         probe._decode_step()
     elapsed = time.perf_counter() - started

@@ -44,7 +44,9 @@ class EngineOptions(_Strict):
     max_num_seqs: int = Field(16, ge=1, description="rows in the running batch")
     max_model_len: int | None = Field(None, ge=16, description="caps the model's context")
     max_prefill_tokens: int = Field(
-        4096, ge=16, description="padded tokens of requests prefilled together in one forward"
+        256,
+        ge=16,
+        description="prefill tokens per engine iteration; longer prompts are prefilled in chunks",
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads on CPU")
     default_max_tokens: int | None = Field(

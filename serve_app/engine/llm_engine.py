@@ -1,7 +1,10 @@
 """Continuous-batching generation: one inference thread owns the model; asyncio gets the tokens.
 
-Requests join the running batch between decode steps (after a one-row prefill) and leave as
-soon as they finish or are aborted, so a new request never waits for the batch in flight.
+Requests join the running batch between decode steps (after a prefill) and leave as soon as
+they finish or are aborted, so a new request never waits for the batch in flight. Each engine
+iteration prefills at most `max_prefill_tokens` tokens, then runs one decode step: short prompts
+that arrived together share one left-padded forward, and a longer prompt is prefilled in chunks
+over several iterations (chunked prefill), so the running streams keep getting tokens meanwhile.
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ class _Sequence:
     is_done: bool = False
 
 
+@dataclass(slots=True)
+class _ChunkedPrefill:
+    """A prompt longer than one iteration's prefill budget, prefilled a chunk per iteration."""
+
+    seq: _Sequence
+    cache: DynamicCache
+    num_done: int = 0  # prompt tokens already in `cache`
+
+
 def _load_libc() -> Any:
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
@@ -80,19 +92,20 @@ class LLMEngine:
         max_num_seqs: int,
         max_model_len: int,
         eos_token_ids: set[int],
-        max_prefill_tokens: int = 4096,
+        max_prefill_tokens: int = 256,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
-        self.max_prefill_tokens = max_prefill_tokens  # padded tokens in one prefill forward
+        self.max_prefill_tokens = max_prefill_tokens  # prefill tokens per iteration (padded)
         self.device = next(model.parameters()).device
         self._vocab_size = int(model.config.get_text_config().vocab_size)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
+        self._chunked: _ChunkedPrefill | None = None  # holds a batch slot while it prefills
         self._finals: list[tuple[_Sequence, RequestOutput]] = []  # sent once their row is freed
         self._batch = BatchCache()
         self._stats = EngineStats()
@@ -120,7 +133,7 @@ class LLMEngine:
 
     @property
     def is_busy(self) -> bool:
-        return bool(self._running or self._waiting)
+        return bool(self._running or self._waiting or self._chunked)
 
     def submit(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: OutputSink
@@ -164,13 +177,15 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         stats = self._stats
+        chunked = self._chunked  # read once: the inference thread may clear it meanwhile
+        admitted = [*self._running, *([chunked.seq] if chunked else [])]
         return EngineStats(
-            num_running=len(self._running),
+            num_running=len(admitted),
             num_waiting=len(self._waiting),
             num_finished=stats.num_finished,
             num_aborted=stats.num_aborted,
             num_steps=stats.num_steps,
-            running_ids=[seq.request_id for seq in list(self._running)],
+            running_ids=[seq.request_id for seq in admitted],
         )
 
     # ---- inference thread --------------------------------------------------------------
@@ -183,7 +198,7 @@ class LLMEngine:
                 self.last_step_at = time.monotonic()
                 was_busy = self.is_busy
                 try:
-                    self._admit_waiting()
+                    self._prefill_next()
                     if self._running:
                         self._decode_step()
                 except Exception as exc:  # a failed step fails its requests, not the replica
@@ -212,25 +227,45 @@ class LLMEngine:
         if command == "add":
             self._waiting.append(arg)
         elif command == "abort":
-            for seq in (*self._waiting, *self._running):
+            for seq in self._admitted_or_waiting():
                 if seq.request_id == arg:
                     seq.is_abort_requested = True
+
+    def _admitted_or_waiting(self) -> list[_Sequence]:
+        chunked = [self._chunked.seq] if self._chunked else []
+        return [*self._waiting, *chunked, *self._running]
 
     def _remove_aborted(self) -> None:
         for seq in [s for s in self._waiting if s.is_abort_requested]:
             self._waiting.remove(seq)
+            self._finish(seq, "abort", "")
+        if self._chunked and self._chunked.seq.is_abort_requested:
+            seq, self._chunked = self._chunked.seq, None  # its partial KV is simply dropped
             self._finish(seq, "abort", "")
         for seq in self._running:
             if seq.is_abort_requested and not seq.is_done:
                 self._finish(seq, "abort", "")
         self._compact()
 
-    def _admit_waiting(self) -> None:
-        """Prefills waiting requests together (one left-padded forward) into free slots."""
+    def _prefill_next(self) -> None:
+        """This iteration's prefill, at most max_prefill_tokens: the next chunk of a long prompt,
+        or the waiting requests that fit together in one left-padded forward."""
+        if self._chunked is not None:
+            self._prefill_chunk(self._chunked)
+            return
         group: list[_Sequence] = []
         num_padded_tokens = 0
         while self._waiting and len(self._running) + len(group) < self.max_num_seqs:
-            longest = max([len(self._waiting[0].prompt_ids), *(len(s.prompt_ids) for s in group)])
+            head_len = len(self._waiting[0].prompt_ids)
+            if head_len > self.max_prefill_tokens:  # too long for one iteration
+                if group:
+                    break  # its chunks start next iteration
+                seq = self._waiting.popleft()
+                self._started(seq)
+                self._chunked = _ChunkedPrefill(seq, DynamicCache())
+                self._prefill_chunk(self._chunked)
+                return
+            longest = max([head_len, *(len(s.prompt_ids) for s in group)])
             if group and longest * (len(group) + 1) > self.max_prefill_tokens:
                 break
             group.append(self._waiting.popleft())
@@ -239,10 +274,12 @@ class LLMEngine:
             logger.debug("prefill %d requests (%d padded tokens)", len(group), num_padded_tokens)
             self._prefill(group)
 
+    def _started(self, seq: _Sequence) -> None:
+        seq.queue_time_s = time.monotonic() - seq.submitted_at
+
     def _prefill(self, group: list[_Sequence]) -> None:
-        now = time.monotonic()
         for seq in group:
-            seq.queue_time_s = now - seq.submitted_at
+            self._started(seq)
         input_ids, mask = self._left_padded([seq.prompt_ids for seq in group])
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         new_cache = DynamicCache()
@@ -254,9 +291,39 @@ class LLMEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        self._batch.append_rows(new_cache, mask)
+        self._start_decoding(group, new_cache, mask, out.logits[:, -1, :])
+
+    def _prefill_chunk(self, chunked: _ChunkedPrefill) -> None:
+        """Feeds the next max_prefill_tokens of a long prompt; on the last chunk the row joins
+        the running batch with its first token."""
+        prompt = chunked.seq.prompt_ids
+        start, end = chunked.num_done, min(chunked.num_done + self.max_prefill_tokens, len(prompt))
+        out = self.model(
+            input_ids=torch.tensor([prompt[start:end]], device=self.device),
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(start, end, device=self.device).unsqueeze(0),
+            past_key_values=chunked.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        chunked.num_done = end
+        logger.debug("prefill chunk %d-%d of %d tokens", start, end, len(prompt))
+        if end == len(prompt):
+            self._chunked = None
+            mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+            self._start_decoding([chunked.seq], chunked.cache, mask, out.logits[:, -1, :])
+
+    def _start_decoding(
+        self,
+        group: list[_Sequence],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        last_logits: torch.Tensor,
+    ) -> None:
+        """Prefilled rows join the running batch and take their first token."""
+        self._batch.append_rows(cache, mask)
         self._running.extend(group)
-        next_ids = sample_next_tokens(out.logits[:, -1, :], [seq.sampler for seq in group])
+        next_ids = sample_next_tokens(last_logits, [seq.sampler for seq in group])
         num_finished = sum(self._advance(s, t) for s, t in zip(group, next_ids, strict=True))
         if num_finished:
             self._compact()
@@ -341,10 +408,11 @@ class LLMEngine:
             seq.sink(output)
 
     def _fail_all(self, message: str) -> None:
-        for seq in (*self._waiting, *self._running):
+        for seq in self._admitted_or_waiting():
             if not seq.is_done:
                 self._finish(seq, "error", "", error=message)
         self._waiting.clear()
+        self._chunked = None
         self._running = []
         self._batch = BatchCache()
         self._compact()

@@ -192,7 +192,7 @@ def test_requests_prefilled_together_match_transformers_generate(
         )
     torch.set_grad_enabled(False)
     batch_engine._drain_inbox(block=False)
-    batch_engine._admit_waiting()
+    batch_engine._prefill_next()
     assert len(batch_engine._running) == len(PROMPTS)  # one prefill admitted all of them
     assert len({len(prompt_ids(engine, p)) for p in PROMPTS}) > 1  # so rows were left-padded
     while batch_engine._running:
@@ -211,3 +211,86 @@ async def test_freed_memory_is_given_back_once_the_batch_drains(
     await asyncio.gather(*(collect(engine, f"m{i}", "Hi", max_tokens=5) for i in range(3)))
     await asyncio.sleep(0.2)  # the inference thread trims after sending the finals
     assert calls and not any(calls)  # trimmed, and only with nothing running or waiting
+
+
+LONG_PROMPT = " ".join(["The capital of France is Paris."] * 8)
+
+
+def manual_engine(tiny_model_dir: Path, engine: LLMEngine, max_prefill_tokens: int) -> LLMEngine:
+    """An engine that is never started: the test drives its iterations itself."""
+    torch.set_grad_enabled(False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    return LLMEngine(
+        model,
+        engine.tokenizer,
+        max_num_seqs=4,
+        max_model_len=512,
+        eos_token_ids=set(),
+        max_prefill_tokens=max_prefill_tokens,
+    )
+
+
+def iterate(engine: LLMEngine) -> None:
+    """One pass of the inference loop: commands, this iteration's prefill, one decode step."""
+    engine._drain_inbox(block=False)
+    engine._prefill_next()
+    if engine._running:
+        engine._decode_step()
+
+
+def test_long_prompt_prefilled_in_chunks_matches_transformers_generate(
+    tiny_model_dir: Path, engine: LLMEngine
+) -> None:
+    chunked = manual_engine(tiny_model_dir, engine, max_prefill_tokens=16)
+    ids = prompt_ids(engine, LONG_PROMPT)
+    assert len(ids) > 3 * 16  # so it takes at least 4 chunks
+    outputs: list[RequestOutput] = []
+    chunked.submit("long", ids, SamplingParams(temperature=0.0, max_tokens=12), outputs.append)
+    num_iterations = 0
+    while not outputs or not outputs[-1].is_finished:
+        iterate(chunked)
+        num_iterations += 1
+    # One iteration per chunk; the last chunk's iteration gives token 1 and its decode step
+    # token 2, then one token per iteration.
+    assert num_iterations == -(-len(ids) // 16) + 12 - 2
+    assert joined(outputs) == hf_greedy(tiny_model_dir, engine, LONG_PROMPT, 12)
+
+
+def test_running_streams_keep_decoding_while_a_long_prompt_prefills(
+    tiny_model_dir: Path, engine: LLMEngine
+) -> None:
+    chunked = manual_engine(tiny_model_dir, engine, max_prefill_tokens=16)
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    chunked.submit("short", prompt_ids(engine, "The"), params, lambda _: None)
+    iterate(chunked)
+    long_ids = prompt_ids(engine, LONG_PROMPT)
+    chunked.submit("long", long_ids, SamplingParams(temperature=0.0, max_tokens=4), lambda _: None)
+    short_seq = chunked._running[0]
+    tokens_before = short_seq.num_generated
+    iterate(chunked)
+    assert chunked._chunked is not None and chunked._chunked.num_done == 16
+    assert chunked.stats().running_ids == ["short", "long"]  # the long one holds its slot
+    num_chunks = 1
+    while chunked._chunked is not None:
+        iterate(chunked)
+        num_chunks += 1
+    assert num_chunks == -(-len(long_ids) // 16)
+    # The short stream got one token per iteration while the long prompt was prefilled.
+    assert short_seq.num_generated == tokens_before + num_chunks
+    assert [seq.request_id for seq in chunked._running] == ["short", "long"]
+
+
+def test_abort_during_chunked_prefill_frees_its_slot(
+    tiny_model_dir: Path, engine: LLMEngine
+) -> None:
+    chunked = manual_engine(tiny_model_dir, engine, max_prefill_tokens=16)
+    outputs: list[RequestOutput] = []
+    ids = prompt_ids(engine, LONG_PROMPT)
+    chunked.submit("long", ids, SamplingParams(temperature=0.0, max_tokens=4), outputs.append)
+    iterate(chunked)
+    assert chunked._chunked is not None
+    chunked.abort("long")
+    iterate(chunked)
+    assert [o.finish_reason for o in outputs] == ["abort"]
+    assert chunked._chunked is None and not chunked.is_busy
+    assert chunked.stats().num_running == 0 and chunked.stats().num_aborted == 1
