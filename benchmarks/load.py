@@ -17,10 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -31,10 +27,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
-import yaml
+from peers import targets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SERVE_CONFIG = REPO_ROOT / "config" / "serve.yaml"
 CHAT_MODEL = "smollm2-135m-instruct"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 QUESTIONS = [
@@ -56,61 +51,15 @@ def check_local(url: str) -> str:
     return url.rstrip("/")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def running_service(out_dir: Path, name: str, timeout_s: float = 420) -> Iterator[str]:
-    """`serve run` of config/serve.yaml on a free 127.0.0.1 port, in its own process group;
-    yields the URL once /health is 200; SIGINT (then SIGKILL of the group) afterwards."""
-    port = free_port()
-    config = yaml.safe_load(SERVE_CONFIG.read_text())
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    """`serve run` of config/serve.yaml (every model) on a free 127.0.0.1 port, in its own
+    process group (peers.targets, shared with the serving benchmark); yields the URL."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    config_path = out_dir / f"{name}.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    command, port = targets.serve_app_command(out_dir, name, None)
     log_path = out_dir / f"{name}.log"
-    serve_bin = Path(sys.executable).parent / "serve"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [str(serve_bin), "run", str(config_path)],
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, timeout_s, log_path)
-        yield url
-    finally:
-        stop(process)
-
-
-def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"serve run exited early; see {log}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        time.sleep(1)
-    raise SystemExit(f"service not healthy after {timeout_s}s; see {log}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)  # serve run shuts Serve and its Ray cluster down
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the group this script started
-        process.wait(timeout=10)
+    with targets.running(name, command, port, CHAT_MODEL, log_path, timeout_s) as server:
+        yield server.base_url
 
 
 def engine_stats(url: str, model: str = CHAT_MODEL) -> dict[str, Any]:

@@ -40,19 +40,28 @@ def configure_threads(options: EngineOptions) -> None:
         torch.set_num_threads(options.torch_threads)
 
 
-def build_llm_engine(model_config: ModelConfig, cache_dir: Path, has_gpu: bool = True) -> LLMEngine:
+def load_model(
+    model_config: ModelConfig, cache_dir: Path, auto_class: Any, has_gpu: bool
+) -> tuple[Any, Any, torch.device]:
+    """Prepared weights -> (model in eval mode on its device, tokenizer, device)."""
     options = model_config.engine
     configure_threads(options)
     directory = prepare_weights(model_config, cache_dir)
     device = pick_device(options, has_gpu)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_class.from_pretrained(
         directory,
         dtype=pick_dtype(options, device),
         use_safetensors=True,
         trust_remote_code=model_config.trust_remote_code,
     )
-    model = quantize(model.to(device).eval(), options, device)  # type: ignore[arg-type]
+    return model.to(device).eval(), tokenizer, device
+
+
+def build_llm_engine(model_config: ModelConfig, cache_dir: Path, has_gpu: bool = True) -> LLMEngine:
+    options = model_config.engine
+    model, tokenizer, device = load_model(model_config, cache_dir, AutoModelForCausalLM, has_gpu)
+    model = quantize(model, options, device)
     engine = LLMEngine(
         model,
         tokenizer,
@@ -69,17 +78,7 @@ def build_embedding_engine(
     model_config: ModelConfig, cache_dir: Path, has_gpu: bool = True
 ) -> EmbeddingEngine:
     options = model_config.engine
-    configure_threads(options)
-    directory = prepare_weights(model_config, cache_dir)
-    device = pick_device(options, has_gpu)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModel.from_pretrained(
-        directory,
-        dtype=pick_dtype(options, device),
-        use_safetensors=True,
-        trust_remote_code=model_config.trust_remote_code,
-    )
-    model.to(device).eval()
+    model, tokenizer, _ = load_model(model_config, cache_dir, AutoModel, has_gpu)
     return EmbeddingEngine(
         model,
         tokenizer,
