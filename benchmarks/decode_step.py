@@ -1,8 +1,9 @@
-"""One decode step of SmolLM2, KV cache written in place (GrowingLayer) vs transformers'
-DynamicLayer (concatenates the whole cache every step), per batch size and dtype.
+"""One decode step of SmolLM2, per batch size and dtype, three ways: transformers'
+DynamicLayer (concatenates the whole cache every step), the KV cache written in place
+(GrowingLayer), and in place plus Linear weights prepacked for oneDNN (PackedLinear, float32).
 
 Same process, same random prompt ids (greedy), one variant right after the other; prints ms per
-step and whether both produced the same tokens; writes JSON.
+step and whether each produced the same tokens as the first; writes JSON.
 
     .venv/bin/python benchmarks/decode_step.py --batch-sizes 1 16 32 --dtypes float32 float16
 """
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from serve_app.config import app_config_from_serve_config
 from serve_app.engine.batch import GrowingLayer
+from serve_app.engine.packed_linear import can_pack, pack_linear_layers
 from serve_app.model_store import prepare_weights
 
 
@@ -68,22 +70,35 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype)).eval()
+        packed = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
+        if can_pack(packed):
+            pack_linear_layers(packed.eval(), directory)
+        else:
+            packed = None
         for batch in args.batch_sizes:
             concat_ms, concat_tokens = time_decode(model, batch, args.context, args.steps, False)
             in_place_ms, in_place_tokens = time_decode(model, batch, args.context, args.steps, True)
-            row = {
+            row: dict[str, Any] = {
                 "dtype": dtype,
                 "batch": batch,
                 "concat_ms": concat_ms,
                 "in_place_ms": in_place_ms,
                 "same_tokens": torch.equal(concat_tokens, in_place_tokens),
             }
+            line = f"{dtype:8} batch {batch:3}: concat {concat_ms:7.1f} ms"
+            line += f"  in place {in_place_ms:7.1f}"
+            if packed is not None:
+                packed_ms, packed_tokens = time_decode(
+                    packed, batch, args.context, args.steps, True
+                )
+                row.update(
+                    packed_ms=packed_ms,
+                    packed_same_tokens=torch.equal(concat_tokens, packed_tokens),
+                )
+                same = row["packed_same_tokens"]
+                line += f"  in place + packed {packed_ms:7.1f} (same tokens {same})"
             rows.append(row)
-            print(
-                f"{dtype:8} batch {batch:3}: concat {concat_ms:7.1f} ms  in place "
-                f"{in_place_ms:7.1f} ms  same tokens {row['same_tokens']}",
-                flush=True,
-            )
+            print(f"{line}  in place same tokens {row['same_tokens']}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
 

@@ -53,6 +53,9 @@ class EngineOptions(_Strict):
         None, ge=1, description="max_tokens when a request gives none (None: rest of context)"
     )
     max_batch_size: int = Field(32, ge=1, description="embeddings: inputs per forward pass")
+    prepack_linear: bool = Field(
+        True, description="CPU float32: Linear weights prepacked once for oneDNN (faster matmuls)"
+    )
     quantization: Literal["none", "int8"] = Field(
         "none", description="int8: torch dynamic int8 Linear layers (CPU only; see docs)"
     )

@@ -12,6 +12,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from serve_app.config import EngineOptions, ModelConfig
 from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.engine.llm_engine import LLMEngine
+from serve_app.engine.packed_linear import can_pack, pack_linear_layers
 from serve_app.model_store import prepare_weights
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,10 @@ def load_model(
         use_safetensors=True,
         trust_remote_code=model_config.trust_remote_code,
     )
-    return model.to(device).eval(), tokenizer, device
+    model = model.to(device).eval()
+    if options.prepack_linear and options.quantization == "none" and can_pack(model):
+        pack_linear_layers(model, directory)
+    return model, tokenizer, device
 
 
 def build_llm_engine(model_config: ModelConfig, cache_dir: Path, has_gpu: bool = True) -> LLMEngine:
