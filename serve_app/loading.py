@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -16,6 +18,7 @@ from serve_app.engine.packed_linear import can_pack, pack_linear_layers
 from serve_app.model_store import prepare_weights
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _DEFAULT_CONTEXT = 2048
 
@@ -62,9 +65,24 @@ def load_model(
     return model, tokenizer, device
 
 
+def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Runs fn in a thread that exits when it returns.
+
+    OpenMP (libgomp) keeps a team of worker threads for every thread that ran parallel torch
+    code, for as long as that thread lives. With a loading thread's team alive beside the
+    inference thread's, libgomp counts more threads than cores and stops spin-waiting between
+    parallel regions, so each of the ~500 regions of a decode step waits for a sleeping worker
+    to wake: measured 110-114 ms vs 81-83 ms per SmolLM2 step at batch 16 in the inference thread.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
+        return pool.submit(fn, *args).result()
+
+
 def build_llm_engine(model_config: ModelConfig, cache_dir: Path, has_gpu: bool = True) -> LLMEngine:
     options = model_config.engine
-    model, tokenizer, device = load_model(model_config, cache_dir, AutoModelForCausalLM, has_gpu)
+    model, tokenizer, device = in_own_thread(
+        load_model, model_config, cache_dir, AutoModelForCausalLM, has_gpu
+    )
     model = quantize(model, options, device)
     engine = LLMEngine(
         model,
@@ -82,7 +100,7 @@ def build_embedding_engine(
     model_config: ModelConfig, cache_dir: Path, has_gpu: bool = True
 ) -> EmbeddingEngine:
     options = model_config.engine
-    model, tokenizer, _ = load_model(model_config, cache_dir, AutoModel, has_gpu)
+    model, tokenizer, _ = in_own_thread(load_model, model_config, cache_dir, AutoModel, has_gpu)
     return EmbeddingEngine(
         model,
         tokenizer,

@@ -21,7 +21,7 @@ _NO_INPUT_IDS = cast(torch.LongTensor, torch.empty((1, 0), dtype=torch.long))
 class SamplerState:
     """Per-request sampling state: its own RNG (same seed, same text) and output token counts."""
 
-    __slots__ = ("params", "generator", "warpers", "token_counts")
+    __slots__ = ("params", "generator", "warpers", "token_counts", "vocab_size", "device")
 
     def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device) -> None:
         self.params = params
@@ -32,13 +32,18 @@ class SamplerState:
             self.generator = torch.Generator(device=device)
             seed = params.seed if params.seed is not None else torch.seed()
             self.generator.manual_seed(seed)
+        # Allocated on the first token, in the inference thread: requests are created on the
+        # event loop, and a parallel torch op there would start a second OpenMP team
+        # (serve_app/loading.py, in_own_thread, says what that costs).
         self.token_counts: torch.Tensor | None = None
-        if params.has_penalties:
-            self.token_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        self.vocab_size, self.device = vocab_size, device
 
     def record(self, token_id: int) -> None:
-        if self.token_counts is not None:
-            self.token_counts[token_id] += 1
+        if not self.params.has_penalties:
+            return
+        if self.token_counts is None:
+            self.token_counts = torch.zeros(self.vocab_size, device=self.device)
+        self.token_counts[token_id] += 1
 
 
 def sample_next_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:

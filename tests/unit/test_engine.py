@@ -294,3 +294,29 @@ def test_abort_during_chunked_prefill_frees_its_slot(
     assert [o.finish_reason for o in outputs] == ["abort"]
     assert chunked._chunked is None and not chunked.is_busy
     assert chunked.stats().num_running == 0 and chunked.stats().num_aborted == 1
+
+
+def test_weights_load_in_a_thread_that_has_exited(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the inference thread keeps an OpenMP team (serve_app/loading.py, in_own_thread)."""
+    import threading
+
+    from serve_app import loading
+    from tests.unit.conftest import tiny_model_config
+
+    loading_threads: list[threading.Thread] = []
+    real_load_model = loading.load_model
+
+    def spy(*args: object) -> object:
+        loading_threads.append(threading.current_thread())
+        return real_load_model(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loading, "load_model", spy)
+    built = loading.build_llm_engine(tiny_model_config(tiny_model_dir), tmp_path)
+    try:
+        [thread] = loading_threads
+        assert thread is not threading.current_thread() and not thread.is_alive()
+        assert thread is not built._thread
+    finally:
+        built.shutdown()
