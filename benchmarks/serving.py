@@ -86,6 +86,12 @@ def parse_args() -> argparse.Namespace:
         help="first wait up to this long for 30 s in which others use under --quiet-cores",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the naive peer")
+    parser.add_argument(
+        "--engine-threads",
+        type=int,
+        default=None,
+        help="torch_threads of serve-app's SmolLM2 and the offline engine (default: the config's)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/serving"))
     return parser.parse_args()
 
@@ -129,11 +135,18 @@ async def http_sweep(
     return rows
 
 
+def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine options set on serve-app's SmolLM2 and on the offline engine alike."""
+    return {} if args.engine_threads is None else {"torch_threads": args.engine_threads}
+
+
 def server_command(
-    name: str, out_dir: Path, model_dir: Path, threads: int
+    name: str, out_dir: Path, model_dir: Path, threads: int, engine_overrides: dict[str, Any]
 ) -> tuple[list[str], int, str]:
     if name == "serve-app":
-        command, port = targets.serve_app_command(out_dir, "serve_smollm2", [targets.SMOLLM2_ID])
+        command, port = targets.serve_app_command(
+            out_dir, "serve_smollm2", [targets.SMOLLM2_ID], engine_overrides
+        )
         return command, port, targets.SMOLLM2_ID
     if name == "transformers-serve":
         command, port = targets.transformers_serve_command(model_dir, threads)
@@ -145,7 +158,9 @@ def server_command(
 def run_http_target(
     name: str, args: argparse.Namespace, model_dir: Path, levels: list[tuple[int, int]]
 ) -> dict[str, Any]:
-    command, port, model = server_command(name, args.out, model_dir, args.threads)
+    command, port, model = server_command(
+        name, args.out, model_dir, args.threads, engine_overrides(args)
+    )
     log_path = args.out / f"{name}.log"
     memory: dict[str, Any] = {}
     with targets.running(name, command, port, model, log_path, args.startup_timeout_s) as server:
@@ -396,6 +411,8 @@ def main() -> None:
     model_config = config.model(targets.SMOLLM2_ID)
     if model_config is None:
         raise SystemExit(f"config/serve.yaml has no {targets.SMOLLM2_ID}")
+    engine = model_config.engine.model_copy(update=engine_overrides(args))
+    model_config = model_config.model_copy(update={"engine": engine})
     model_dir = prepare_weights(model_config, Path(config.cache_dir))  # converted once, cached
     levels = sweep_levels(args)
     if args.start_when_quiet_s > 0:
@@ -426,6 +443,7 @@ def main() -> None:
             "quiet_wait_s": args.quiet_wait_s,
             "quiet_cores": args.quiet_cores,
             "noisy_retries": args.noisy_retries,
+            "engine_overrides": engine_overrides(args),
             "weights_bytes": weights_bytes,
             "total_s": time.perf_counter() - started,
         },

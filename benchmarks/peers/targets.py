@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import yaml
 
-from serve_app.config import with_models
+from serve_app.config import model_entries, with_models
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -51,19 +51,26 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def derive_serve_config(port: int, model_ids: list[str] | None) -> dict[str, Any]:
-    """config/serve.yaml on 127.0.0.1:`port`, keeping only `model_ids` (all when None)."""
+def derive_serve_config(
+    port: int, model_ids: list[str] | None, engine: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """config/serve.yaml on 127.0.0.1:`port`, keeping only `model_ids` (all when None), with
+    `engine` options set on every model kept."""
     config = yaml.safe_load((REPO_ROOT / "config" / "serve.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
-    return config if model_ids is None else with_models(config, set(model_ids))
+    config = config if model_ids is None else with_models(config, set(model_ids))
+    for entry in model_entries(config).values():
+        entry.setdefault("engine", {}).update(engine or {})
+    return config
 
 
 def serve_app_command(
-    out_dir: Path, name: str, model_ids: list[str] | None
+    out_dir: Path, name: str, model_ids: list[str] | None, engine: dict[str, Any] | None = None
 ) -> tuple[list[str], int]:
     port = free_port()
     config_path = out_dir / f"{name}.yaml"
-    config_path.write_text(yaml.safe_dump(derive_serve_config(port, model_ids), sort_keys=False))
+    config = derive_serve_config(port, model_ids, engine)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return [str(VENV_BIN / "serve"), "run", str(config_path)], port
 
 
