@@ -49,6 +49,9 @@ class EngineOptions(_Strict):
         description="prefill tokens per engine iteration; longer prompts are prefilled in chunks",
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads on CPU")
+    stream_interval: int = Field(
+        1, ge=1, description="tokens per streamed chunk after the first (>1: fewer messages)"
+    )
     default_max_tokens: int | None = Field(
         None, ge=1, description="max_tokens when a request gives none (None: rest of context)"
     )

@@ -91,6 +91,7 @@ def build_llm_engine(model_config: ModelConfig, cache_dir: Path, has_gpu: bool =
         max_model_len=context_length(model.config, options),
         eos_token_ids=eos_token_ids(model, tokenizer),
         max_prefill_tokens=options.max_prefill_tokens,
+        stream_interval=options.stream_interval,
     )
     engine.start()
     return engine

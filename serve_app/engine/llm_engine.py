@@ -46,6 +46,8 @@ class _Sequence:
     submitted_at: float = 0.0
     queue_time_s: float = 0.0
     num_generated: int = 0
+    num_streamed: int = 0  # num_generated when text was last sent
+    unsent_text: str = ""  # held for the next chunk (stream_interval > 1)
     last_token: int = -1
     is_abort_requested: bool = False
     is_done: bool = False
@@ -93,6 +95,7 @@ class LLMEngine:
         max_model_len: int,
         eos_token_ids: set[int],
         max_prefill_tokens: int = 256,
+        stream_interval: int = 1,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -100,6 +103,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.max_prefill_tokens = max_prefill_tokens  # prefill tokens per iteration (padded)
+        self.stream_interval = stream_interval  # tokens per streamed chunk after the first
         self.device = next(model.parameters()).device
         self._vocab_size = int(model.config.get_text_config().vocab_size)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -371,12 +375,17 @@ class LLMEngine:
             return self._finish(seq, "stop", text)
         if is_length:
             return self._finish(seq, "length", text + seq.stop_matcher.flush())
-        if text:
-            seq.sink(self._output(seq, text, None))
+        seq.unsent_text += text
+        if seq.unsent_text and (
+            seq.num_streamed == 0 or seq.num_generated - seq.num_streamed >= self.stream_interval
+        ):  # the first text goes at once (time to first token), then every stream_interval
+            seq.sink(self._output(seq, seq.unsent_text, None))
+            seq.unsent_text, seq.num_streamed = "", seq.num_generated
         return False
 
     def _finish(self, seq: _Sequence, reason: str, text: str, error: str | None = None) -> bool:
         seq.is_done = True  # _compact removes the row
+        text, seq.unsent_text = seq.unsent_text + text, ""
         if reason == "abort":
             self._stats.num_aborted += 1
         else:

@@ -320,3 +320,23 @@ def test_weights_load_in_a_thread_that_has_exited(
         assert thread is not built._thread
     finally:
         built.shutdown()
+
+
+async def test_stream_interval_sends_fewer_chunks_with_the_same_text(
+    tiny_model_dir: Path, engine: LLMEngine, tmp_path: Path
+) -> None:
+    from serve_app.loading import build_llm_engine
+    from tests.unit.conftest import tiny_model_config
+
+    every_token = await collect(engine, "a", PROMPTS[0], temperature=0.0, max_tokens=21)
+    grouped = build_llm_engine(tiny_model_config(tiny_model_dir, stream_interval=4), tmp_path)
+    try:
+        by_four = await collect(grouped, "b", PROMPTS[0], temperature=0.0, max_tokens=21)
+    finally:
+        grouped.shutdown()
+    assert joined(by_four) == joined(every_token)
+    assert by_four[-1].num_generated_tokens == every_token[-1].num_generated_tokens == 21
+    counts = [o.num_generated_tokens for o in by_four[:-1]]
+    assert counts[0] == every_token[0].num_generated_tokens  # the first text is not held
+    assert all(b - a >= 4 for a, b in zip(counts, counts[1:], strict=False))
+    assert len(by_four) < len(every_token)
