@@ -131,6 +131,23 @@ def test_stop_strings_and_length(client: openai.OpenAI) -> None:
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3  # type: ignore[union-attr]
 
 
+def test_long_prompt_is_prefilled_in_chunks_and_answered(client: openai.OpenAI) -> None:
+    """A prompt of several max_prefill_tokens budgets (256 by default) is prefilled over several
+    engine iterations; the reply still answers the question at its end."""
+    notes = " ".join(
+        f"Note {i}: the meeting room on floor {i % 7} has {i % 5 + 2} chairs." for i in range(40)
+    )
+    question = f"{notes}\n\nForget the notes above. What is the capital of France?"
+    reply = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=40,
+    )
+    assert reply.usage and reply.usage.prompt_tokens > 2 * 256
+    assert "Paris" in (reply.choices[0].message.content or "")
+
+
 def test_seed_reproducible_through_the_api(client: openai.OpenAI) -> None:
     ask = dict(
         model=CHAT_MODEL,
