@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,19 +45,23 @@ def _train_tokenizer() -> object:
     )
 
 
+def tiny_llama_config(**overrides: Any) -> Any:
+    """Llama's architecture at toy size: 2 layers, grouped-query attention (4 heads, 2 KV)."""
+    from transformers import LlamaConfig
+
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2)
+    return LlamaConfig(**{**sizes, **heads, **overrides})
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     tokenizer = _train_tokenizer()
-    config = LlamaConfig(
+    config = tiny_llama_config(
         vocab_size=len(tokenizer),  # type: ignore[arg-type]
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
         bos_token_id=tokenizer.bos_token_id,  # type: ignore[attr-defined]

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from serve_app.engine.packed_linear import PackedLinear, can_pack, pack_linear_layers
+from tests.unit.conftest import tiny_llama_config
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="oneDNN is not built into this torch"
@@ -36,15 +37,7 @@ def test_non_contiguous_input() -> None:
 
 def _tied_llama(directory: Path) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(vocab_size=300, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
 
