@@ -80,10 +80,14 @@ def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
 
 def build_llm_engine(model_config: ModelConfig, cache_dir: Path, has_gpu: bool = True) -> LLMEngine:
     options = model_config.engine
-    model, tokenizer, device = in_own_thread(
-        load_model, model_config, cache_dir, AutoModelForCausalLM, has_gpu
-    )
-    model = quantize(model, options, device)
+
+    def load() -> tuple[Any, Any]:
+        model, tokenizer, device = load_model(
+            model_config, cache_dir, AutoModelForCausalLM, has_gpu
+        )
+        return quantize(model, options, device), tokenizer
+
+    model, tokenizer = in_own_thread(load)
     engine = LLMEngine(
         model,
         tokenizer,

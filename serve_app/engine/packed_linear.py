@@ -3,8 +3,9 @@
 `aten::linear` on CPU hands the plain weight to the BLAS, which re-blocks it in every call; at
 decode-sized inputs (a few rows) that costs as much as the arithmetic. Reordering each weight
 once into oneDNN's blocked layout (the op torch's inductor uses for frozen CPU graphs) made the
-matmuls of a SmolLM2 step 1.7x faster at batch 1 and 2x at batch 16 on the 2-core AVX2 machine
-(benchmarks/decode_step.py, docs/benchmarks.md), with the same results to float32 rounding.
+matmuls of a SmolLM2 step 1.7x faster at batch 1 and 2x at batch 16 on the 2-core AVX2 machine,
+and the whole step 1.3x / 1.8x (benchmarks/decode_step.py; docs/benchmarks.md), with the same
+results to float32 rounding.
 """
 
 from __future__ import annotations

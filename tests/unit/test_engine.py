@@ -340,3 +340,21 @@ async def test_stream_interval_sends_fewer_chunks_with_the_same_text(
     assert counts[0] == every_token[0].num_generated_tokens  # the first text is not held
     assert all(b - a >= 4 for a, b in zip(counts, counts[1:], strict=False))
     assert len(by_four) < len(every_token)
+
+
+async def test_int8_quantized_model_is_not_packed_and_generates(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from serve_app.engine.packed_linear import PackedLinear
+    from serve_app.loading import build_llm_engine
+    from tests.unit.conftest import tiny_model_config
+
+    quantized = build_llm_engine(tiny_model_config(tiny_model_dir, quantization="int8"), tmp_path)
+    try:
+        modules = list(quantized.model.modules())
+        assert not any(isinstance(m, PackedLinear) for m in modules)
+        assert any("quantized" in type(m).__module__ for m in modules)
+        outputs = await collect(quantized, "q", PROMPTS[0], temperature=0.0, max_tokens=5)
+        assert outputs[-1].finish_reason in ("length", "stop")
+    finally:
+        quantized.shutdown()
