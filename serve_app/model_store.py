@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from serve_app.config import ModelConfig
 
@@ -23,6 +25,14 @@ logger = logging.getLogger(__name__)
 
 _COMPLETE_MARKER = "serve-app-complete.json"
 _HF_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(header length in bytes, header) of a safetensors file: tensor name -> dtype, shape,
+    data_offsets (relative to the end of the header, which starts after 8 length bytes)."""
+    with path.open("rb") as file:
+        length = struct.unpack("<Q", file.read(8))[0]
+        return length, json.loads(file.read(length))
 
 
 class ModelSourceError(RuntimeError):

@@ -22,6 +22,7 @@ import httpx
 import yaml
 
 from serve_app.config import model_entries, with_models
+from serve_app.model_store import read_safetensors_header
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -181,13 +182,9 @@ def _file_rss(pid: int) -> dict[str, int]:
 
 def safetensors_bytes(model_dir: Path) -> int:
     """Bytes the weights take in memory: the sum of the tensors in the safetensors files."""
-    import json
-    import struct
-
     total = 0
     for path in sorted(model_dir.glob("*.safetensors")):
-        with path.open("rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        _, header = read_safetensors_header(path)
         for name, info in header.items():
             if name != "__metadata__":
                 begin, end = info["data_offsets"]

@@ -10,14 +10,14 @@ results to float32 rounding.
 
 from __future__ import annotations
 
-import json
 import logging
 import mmap
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from serve_app.model_store import read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # A plain attribute, not a Parameter: the opaque oneDNN tensor is never trained or saved.
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        # Copied: the plain bias may live in the loader's map of the weights file, which must
+        # be released (_own_remaining_tensors does not see plain attributes).
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x if x.is_contiguous() else x.contiguous()
@@ -114,11 +116,11 @@ def _map_input_embeddings(model: Any, weights_dir: Path) -> torch.Tensor | None:
 
 def _mapped_float32(path: Path, key: str) -> torch.Tensor | None:
     """A float32 tensor of a safetensors file as a copy-on-write memory map (no read, no copy)."""
+    header_len, header = read_safetensors_header(path)
+    entry = header.get(key)
+    if entry is None or entry["dtype"] != "F32":
+        return None
     with path.open("rb") as file:
-        header_len = struct.unpack("<Q", file.read(8))[0]
-        entry = json.loads(file.read(header_len)).get(key)
-        if entry is None or entry["dtype"] != "F32":
-            return None
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
     begin, end = entry["data_offsets"]
     tensor = torch.frombuffer(

@@ -70,3 +70,11 @@ def test_tied_head_stays_plain_without_the_weights_file(tmp_path: Path) -> None:
     assert pack_linear_layers(model) == 2 * 7
     assert type(model.lm_head) is torch.nn.Linear
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_packed_linear_owns_its_bias() -> None:
+    """The plain bias may point into the loader's map of the weights file, which must be freed."""
+    linear = torch.nn.Linear(48, 16)
+    packed = PackedLinear(linear)
+    assert packed.bias is not None and packed.bias.data_ptr() != linear.bias.data_ptr()
+    torch.testing.assert_close(packed.bias, linear.bias.detach(), rtol=0, atol=0)
