@@ -61,6 +61,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest) -> Sampling
         stop=body.stop_strings(),
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        ignore_eos=body.ignore_eos,
     )
 
 

@@ -364,7 +364,7 @@ class LLMEngine:
         seq.num_generated += 1
         seq.last_token = token_id
         seq.sampler.record(token_id)
-        if token_id in self.eos_token_ids:
+        if token_id in self.eos_token_ids and not seq.sampler.params.ignore_eos:
             return self._finish(seq, "stop", seq.stop_matcher.flush())
         delta = seq.detokenizer.push(token_id)
         is_length = seq.num_generated >= seq.max_tokens

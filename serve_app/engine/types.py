@@ -17,6 +17,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # run to max_tokens (fixed-length benchmarks, deadline tests)
 
     @property
     def is_greedy(self) -> bool:

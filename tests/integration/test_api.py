@@ -131,6 +131,23 @@ def test_stop_strings_and_length(client: openai.OpenAI) -> None:
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3  # type: ignore[union-attr]
 
 
+def test_ignore_eos_generates_past_the_natural_end(client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(model=CHAT_MODEL, messages=PARIS, temperature=0)
+    assert full.choices[0].finish_reason == "stop" and full.usage  # ended by EOS
+    num_tokens = full.usage.completion_tokens + 5
+    longer = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=PARIS,
+        temperature=0,
+        max_tokens=num_tokens,
+        extra_body={"ignore_eos": True},  # vLLM's extension, as the openai SDK sends it
+    )
+    assert longer.choices[0].finish_reason == "length"
+    assert longer.usage and longer.usage.completion_tokens == num_tokens
+    full_text = full.choices[0].message.content or ""
+    assert (longer.choices[0].message.content or "").startswith(full_text)
+
+
 def test_long_prompt_is_prefilled_in_chunks_and_answered(client: openai.OpenAI) -> None:
     """A prompt of several max_prefill_tokens budgets (256 by default) is prefilled over several
     engine iterations; the reply still answers the question at its end."""
@@ -308,6 +325,7 @@ def test_client_disconnect_aborts_generation(service_url: str) -> None:
         "model": CHAT_MODEL,
         "messages": [{"role": "user", "content": "Write a long story."}],
         "max_tokens": 1000,
+        "ignore_eos": True,  # still running when the client leaves
         "stream": True,
     }
     with httpx.stream(

@@ -77,7 +77,13 @@ def test_replica_killed_mid_stream_ends_with_error_event_and_is_replaced(service
     chat_events: list[str] = []
     base_events: list[str] = []
     chat_started, base_started = threading.Event(), threading.Event()
-    chat_body = {"model": CHAT_MODEL, "messages": STORY, "max_tokens": 800, "stream": True}
+    chat_body = {
+        "model": CHAT_MODEL,
+        "messages": STORY,
+        "max_tokens": 800,
+        "ignore_eos": True,  # still running when its replica is killed
+        "stream": True,
+    }
     base_body = {
         "model": BASE_MODEL,
         "prompt": "Once upon a time",

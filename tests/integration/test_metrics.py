@@ -48,7 +48,7 @@ def traffic(service_url: str) -> None:
         body = {"model": MODEL, "messages": ask, "max_tokens": 8, "stream": True}
         with httpx.stream("POST", url, json=body, timeout=60) as response:
             list(response.iter_lines())
-    body = {"model": MODEL, "messages": ask, "max_tokens": 300, "stream": True}
+    body = {"model": MODEL, "messages": ask, "max_tokens": 300, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", url, json=body, timeout=60) as response:
         for i, _ in enumerate(response.iter_lines()):
             if i > 4:

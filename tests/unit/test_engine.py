@@ -296,6 +296,28 @@ def test_abort_during_chunked_prefill_frees_its_slot(
     assert chunked.stats().num_running == 0 and chunked.stats().num_aborted == 1
 
 
+def run_to_end(engine: LLMEngine, text_ids: list[int], params: SamplingParams) -> RequestOutput:
+    outputs: list[RequestOutput] = []
+    engine.submit("r", text_ids, params, outputs.append)
+    while not outputs or not outputs[-1].is_finished:
+        iterate(engine)
+    return outputs[-1]
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_eos_ends_a_stream_unless_ignore_eos(
+    tiny_model_dir: Path, engine: LLMEngine, ignore_eos: bool
+) -> None:
+    manual = manual_engine(tiny_model_dir, engine, max_prefill_tokens=256)
+    ids = prompt_ids(engine, "The capital of France is")
+    first_token = int(manual.model(torch.tensor([ids])).logits[0, -1].argmax())
+    manual.eos_token_ids = {first_token}  # so greedy decoding meets EOS at once
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=ignore_eos)
+    last = run_to_end(manual, ids, params)
+    expected = ("length", 6) if ignore_eos else ("stop", 1)
+    assert (last.finish_reason, last.num_generated_tokens) == expected
+
+
 def test_weights_load_in_a_thread_that_has_exited(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
