@@ -169,6 +169,7 @@ _SAMPLING = {
     "temperature": _FLOAT + [-0.1, 2.5],
     "top_p": _FLOAT + [0, 1.5],
     "top_k": _INT + [-1],
+    "ignore_eos": _BOOL,
     "seed": _INT + [2**64],
     "stop": [1, True, {}, [1], ["a", "b", "c", "d", "e"], [""]],
     "presence_penalty": _FLOAT + [3],
