@@ -95,3 +95,20 @@ def test_the_builders_name_each_deployment_after_its_model() -> None:
     whole = app_config_from_serve_config(SERVE_YAML).model_dump(mode="json")
     bound = build_app(whole)._bound_deployment
     assert set(bound.init_args[1]) == set(apps) - {"serve-app"}  # handles bound in one app
+
+
+def test_every_replica_gets_ray_serves_fast_path_env_unless_its_config_says_otherwise() -> None:
+    from deployments.app import REPLICA_ENV_VARS, build_ingress_app, build_model_app
+
+    apps = {app["name"]: app for app in serve_config()["applications"]}
+    ingress = build_ingress_app(apps["serve-app"]["args"])._bound_deployment
+    model_args = apps["smollm2-135m-instruct"]["args"]
+    model = build_model_app(model_args)._bound_deployment
+    for deployment in (ingress, model):
+        actor_options = deployment.ray_actor_options
+        assert actor_options["runtime_env"]["env_vars"] == REPLICA_ENV_VARS
+        assert actor_options["num_cpus"] > 0  # the config's own options are kept
+    own_env = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0", "OTHER": "1"}
+    model_args["model"]["deployment"]["ray_actor_options"]["runtime_env"] = {"env_vars": own_env}
+    actor_options = build_model_app(model_args)._bound_deployment.ray_actor_options
+    assert actor_options["runtime_env"]["env_vars"] == {**REPLICA_ENV_VARS, **own_env}
