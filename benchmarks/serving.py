@@ -92,6 +92,13 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="torch_threads of serve-app's SmolLM2 and the offline engine (default: the config's)",
     )
+    parser.add_argument(
+        "--replica-env",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="env vars for serve-app's replicas, over REPLICA_ENV_VARS (deployments/app.py)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/serving"))
     return parser.parse_args()
 
@@ -140,12 +147,24 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {} if args.engine_threads is None else {"torch_threads": args.engine_threads}
 
 
+def replica_env(args: argparse.Namespace) -> dict[str, str]:
+    pairs = [item.partition("=") for item in args.replica_env]
+    if any(not name or not sep for name, sep, _ in pairs):
+        raise SystemExit(f"--replica-env takes NAME=VALUE items, got {args.replica_env}")
+    return {name: value for name, _, value in pairs}
+
+
 def server_command(
-    name: str, out_dir: Path, model_dir: Path, threads: int, engine_overrides: dict[str, Any]
+    name: str, args: argparse.Namespace, model_dir: Path
 ) -> tuple[list[str], int, str]:
+    threads = args.threads
     if name == "serve-app":
         command, port = targets.serve_app_command(
-            out_dir, "serve_smollm2", [targets.SMOLLM2_ID], engine_overrides
+            args.out,
+            "serve_smollm2",
+            [targets.SMOLLM2_ID],
+            engine_overrides(args),
+            replica_env(args),
         )
         return command, port, targets.SMOLLM2_ID
     if name == "transformers-serve":
@@ -158,9 +177,7 @@ def server_command(
 def run_http_target(
     name: str, args: argparse.Namespace, model_dir: Path, levels: list[tuple[int, int]]
 ) -> dict[str, Any]:
-    command, port, model = server_command(
-        name, args.out, model_dir, args.threads, engine_overrides(args)
-    )
+    command, port, model = server_command(name, args, model_dir)
     log_path = args.out / f"{name}.log"
     memory: dict[str, Any] = {}
     with targets.running(name, command, port, model, log_path, args.startup_timeout_s) as server:

@@ -53,24 +53,39 @@ def child_env() -> dict[str, str]:
 
 
 def derive_serve_config(
-    port: int, model_ids: list[str] | None, engine: dict[str, Any] | None = None
+    port: int,
+    model_ids: list[str] | None,
+    engine: dict[str, Any] | None = None,
+    replica_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """config/serve.yaml on 127.0.0.1:`port`, keeping only `model_ids` (all when None), with
-    `engine` options set on every model kept."""
+    `engine` options set on every model kept and `replica_env` in every deployment's env_vars
+    (over deployments/app.py's REPLICA_ENV_VARS)."""
     config = yaml.safe_load((REPO_ROOT / "config" / "serve.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     config = config if model_ids is None else with_models(config, set(model_ids))
     for entry in model_entries(config).values():
         entry.setdefault("engine", {}).update(engine or {})
+    if replica_env:
+        for app in config["applications"]:
+            owner = app["args"].get("model") or app["args"]["ingress"]
+            actor_options = owner.setdefault("deployment", {}).setdefault("ray_actor_options", {})
+            actor_options.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(
+                replica_env
+            )
     return config
 
 
 def serve_app_command(
-    out_dir: Path, name: str, model_ids: list[str] | None, engine: dict[str, Any] | None = None
+    out_dir: Path,
+    name: str,
+    model_ids: list[str] | None,
+    engine: dict[str, Any] | None = None,
+    replica_env: dict[str, str] | None = None,
 ) -> tuple[list[str], int]:
     port = free_port()
     config_path = out_dir / f"{name}.yaml"
-    config = derive_serve_config(port, model_ids, engine)
+    config = derive_serve_config(port, model_ids, engine, replica_env)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return [str(VENV_BIN / "serve"), "run", str(config_path)], port
 

@@ -112,3 +112,19 @@ def test_every_replica_gets_ray_serves_fast_path_env_unless_its_config_says_othe
     model_args["model"]["deployment"]["ray_actor_options"]["runtime_env"] = {"env_vars": own_env}
     actor_options = build_model_app(model_args)._bound_deployment.ray_actor_options
     assert actor_options["runtime_env"]["env_vars"] == {**REPLICA_ENV_VARS, **own_env}
+
+
+def test_benchmark_replica_env_reaches_every_deployment_over_the_defaults() -> None:
+    from benchmarks.peers.targets import SMOLLM2_ID, derive_serve_config
+    from deployments.app import REPLICA_ENV_VARS, build_ingress_app, build_model_app
+
+    off = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
+    config = derive_serve_config(8123, [SMOLLM2_ID], replica_env=off)
+    apps = {app["name"]: app for app in config["applications"]}
+    ingress = build_ingress_app(apps["serve-app"]["args"])._bound_deployment
+    model = build_model_app(apps[SMOLLM2_ID]["args"])._bound_deployment
+    for deployment in (ingress, model):
+        assert deployment.ray_actor_options["runtime_env"]["env_vars"] == {
+            **REPLICA_ENV_VARS,
+            **off,
+        }
