@@ -105,7 +105,8 @@ class RequestTimer:
         self.is_finished = True
         metrics.e2e_latency.observe(now - self.started_at, tags)
         metrics.prompt_tokens.inc(output.num_prompt_tokens, tags)
-        metrics.generation_tokens.inc(max(output.num_generated_tokens, 0), tags)
+        if output.num_generated_tokens > 0:  # Ray's Counter refuses 0 (a failed prefill)
+            metrics.generation_tokens.inc(output.num_generated_tokens, tags)
         metrics.request_success.inc(1, {**tags, "finished_reason": output.finish_reason or ""})
 
     def cancelled(self) -> None:

@@ -55,6 +55,11 @@ class EngineOptions(_Strict):
     default_max_tokens: int | None = Field(
         None, ge=1, description="max_tokens when a request gives none (None: rest of context)"
     )
+    prefix_cache_tokens: int = Field(
+        0,
+        ge=0,
+        description="tokens of recent prompts/answers whose KV is kept for reuse (0: off)",
+    )
     max_batch_size: int = Field(32, ge=1, description="embeddings: inputs per forward pass")
     prepack_linear: bool = Field(
         True, description="CPU float32: Linear weights prepacked once for oneDNN (faster matmuls)"

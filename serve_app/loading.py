@@ -96,6 +96,7 @@ def build_llm_engine(model_config: ModelConfig, cache_dir: Path, has_gpu: bool =
         eos_token_ids=eos_token_ids(model, tokenizer),
         max_prefill_tokens=options.max_prefill_tokens,
         stream_interval=options.stream_interval,
+        prefix_cache_tokens=options.prefix_cache_tokens,
     )
     engine.start()
     return engine

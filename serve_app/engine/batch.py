@@ -30,10 +30,11 @@ class GrowingLayer(DynamicLayer):
         self._key_buffer = self._value_buffer = keys  # replaced by _refill
         self._refill(keys, values)
 
-    def _refill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Copies keys/values [rows, heads, length, dim] into fresh buffers with spare columns."""
+    def _refill(self, keys: torch.Tensor, values: torch.Tensor, incoming: int = 0) -> None:
+        """Copies keys/values [rows, heads, length, dim] into fresh buffers with room for the
+        `incoming` columns about to be written and spare columns after them."""
         rows, heads, length, _ = keys.shape
-        columns = length + _spare_columns(length)
+        columns = length + incoming + _spare_columns(length + incoming)
         self._key_buffer = keys.new_empty((rows, heads, columns, keys.shape[3]))
         self._value_buffer = values.new_empty((rows, values.shape[1], columns, values.shape[3]))
         self._key_buffer[:, :, :length].copy_(keys)
@@ -49,8 +50,9 @@ class GrowingLayer(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self._length, self._length + int(key_states.shape[2])
-        if end > self._key_buffer.shape[2]:
-            self._refill(self._key_buffer[:, :, :start], self._value_buffer[:, :, :start])
+        if end > self._key_buffer.shape[2]:  # a chunk of a prompt can be longer than the spare
+            keys, values = self._key_buffer[:, :, :start], self._value_buffer[:, :, :start]
+            self._refill(keys, values, incoming=end - start)
         self._key_buffer[:, :, start:end].copy_(key_states)
         self._value_buffer[:, :, start:end].copy_(value_states)
         self._set_length(end)
@@ -91,7 +93,7 @@ class BatchCache:
         """Adds freshly prefilled rows (their cache and left-padded mask) after the others."""
         if self.cache is None or self.attention_mask is None:
             layers = [_kv(layer) for layer in _layers(new_cache)]
-            self.cache, self.attention_mask = _growing_cache(layers), new_mask
+            self.cache, self.attention_mask = growing_cache(layers), new_mask
             return
         batch_len, new_len = int(self.attention_mask.shape[1]), int(new_mask.shape[1])
         kv_len = max(batch_len, new_len)
@@ -107,7 +109,7 @@ class BatchCache:
                     ),
                 )
             )
-        self.cache = _growing_cache(layers)
+        self.cache = growing_cache(layers)
         self.attention_mask = torch.cat(
             [_pad_left(self.attention_mask, old_pad, 1), _pad_left(new_mask, new_pad, 1)]
         )
@@ -133,10 +135,16 @@ class BatchCache:
         self.attention_mask = mask[:, first:]
 
 
-def _growing_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+def growing_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A cache holding these keys/values [rows, heads, length, dim] (copied), growing in place."""
     cache = DynamicCache()
     cache.layers = [GrowingLayer(keys, values) for keys, values in layers]
     return cache
+
+
+def cache_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values [rows, heads, length, dim]."""
+    return [_kv(layer) for layer in _layers(cache)]
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
@@ -147,3 +155,24 @@ def _layers(cache: DynamicCache) -> list[DynamicLayer]:
 def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
     assert layer.keys is not None and layer.values is not None  # every row was prefilled
     return layer.keys, layer.values
+
+
+def left_padded_rows(
+    rows: list[list[tuple[torch.Tensor, torch.Tensor]] | None], width: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the rows' keys/values ([1, heads, length <= width, dim] each, or None for a
+    row with none) left-padded with zeros to `width` and stacked: [rows, heads, width, dim]."""
+    template = next(row for row in rows if row is not None)
+    layers = []
+    for index, (template_keys, template_values) in enumerate(template):
+        keys, values = [], []
+        for row in rows:
+            if row is None:
+                keys.append(_pad_left(template_keys[:, :, :0], width, 2))
+                values.append(_pad_left(template_values[:, :, :0], width, 2))
+            else:
+                row_keys, row_values = row[index]
+                keys.append(_pad_left(row_keys, width - int(row_keys.shape[2]), 2))
+                values.append(_pad_left(row_values, width - int(row_values.shape[2]), 2))
+        layers.append((torch.cat(keys), torch.cat(values)))
+    return layers

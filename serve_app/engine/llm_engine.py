@@ -5,6 +5,8 @@ they finish or are aborted, so a new request never waits for the batch in flight
 iteration prefills at most `max_prefill_tokens` tokens, then runs one decode step: short prompts
 that arrived together share one left-padded forward, and a longer prompt is prefilled in chunks
 over several iterations (chunked prefill), so the running streams keep getting tokens meanwhile.
+With `prefix_cache_tokens`, a prompt that starts like a recent request's tokens (prefix_cache.py)
+is prefilled from those tokens' cached keys and values: only the rest is computed.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from serve_app.engine.batch import BatchCache
+from serve_app.engine.batch import BatchCache, cache_kv, growing_cache, left_padded_rows
 from serve_app.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from serve_app.engine.prefix_cache import BLOCK_TOKENS, LayerKV, PrefixCache, PrefixHit
 from serve_app.engine.sampling import SamplerState, sample_next_tokens
 from serve_app.engine.types import EngineStats, RequestOutput, SamplingParams
 
@@ -49,6 +52,9 @@ class _Sequence:
     num_streamed: int = 0  # num_generated when text was last sent
     unsent_text: str = ""  # held for the next chunk (stream_interval > 1)
     last_token: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    prefix: PrefixHit | None = None  # cached keys/values of its first prompt tokens
+    is_prefix_looked_up: bool = False
     is_abort_requested: bool = False
     is_done: bool = False
 
@@ -96,6 +102,7 @@ class LLMEngine:
         eos_token_ids: set[int],
         max_prefill_tokens: int = 256,
         stream_interval: int = 1,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -104,12 +111,19 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self.max_prefill_tokens = max_prefill_tokens  # prefill tokens per iteration (padded)
         self.stream_interval = stream_interval  # tokens per streamed chunk after the first
+        if prefix_cache_tokens and _has_sliding_window(model):
+            # A cached prefix leaves padding between it and the rest of a prompt in a batch;
+            # sliding-window masks count columns, so that padding would narrow the window.
+            logger.warning("prefix caching is off: this model has sliding-window attention")
+            prefix_cache_tokens = 0
+        self._prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.device = next(model.parameters()).device
         self._vocab_size = int(model.config.get_text_config().vocab_size)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._chunked: _ChunkedPrefill | None = None  # holds a batch slot while it prefills
+        self._prefilling: list[_Sequence] = []  # out of the queue, not yet in the batch
         self._finals: list[tuple[_Sequence, RequestOutput]] = []  # sent once their row is freed
         self._batch = BatchCache()
         self._stats = EngineStats()
@@ -189,6 +203,8 @@ class LLMEngine:
             num_finished=stats.num_finished,
             num_aborted=stats.num_aborted,
             num_steps=stats.num_steps,
+            num_prompt_tokens=stats.num_prompt_tokens,
+            num_cached_prompt_tokens=stats.num_cached_prompt_tokens,
             running_ids=[seq.request_id for seq in admitted],
         )
 
@@ -237,7 +253,7 @@ class LLMEngine:
 
     def _admitted_or_waiting(self) -> list[_Sequence]:
         chunked = [self._chunked.seq] if self._chunked else []
-        return [*self._waiting, *chunked, *self._running]
+        return [*self._waiting, *self._prefilling, *chunked, *self._running]
 
     def _remove_aborted(self) -> None:
         for seq in [s for s in self._waiting if s.is_abort_requested]:
@@ -260,33 +276,91 @@ class LLMEngine:
         group: list[_Sequence] = []
         num_padded_tokens = 0
         while self._waiting and len(self._running) + len(group) < self.max_num_seqs:
-            head_len = len(self._waiting[0].prompt_ids)
+            head_len = self._num_to_compute(self._waiting[0])
             if head_len > self.max_prefill_tokens:  # too long for one iteration
                 if group:
                     break  # its chunks start next iteration
                 seq = self._waiting.popleft()
                 self._started(seq)
-                self._chunked = _ChunkedPrefill(seq, DynamicCache())
+                self._chunked = self._chunked_prefill(seq)
                 self._prefill_chunk(self._chunked)
                 return
-            longest = max([head_len, *(len(s.prompt_ids) for s in group)])
+            longest = max([head_len, *(self._num_to_compute(s) for s in group)])
             if group and longest * (len(group) + 1) > self.max_prefill_tokens:
                 break
             group.append(self._waiting.popleft())
             num_padded_tokens = longest * len(group)
         if group:
             logger.debug("prefill %d requests (%d padded tokens)", len(group), num_padded_tokens)
+            self._prefilling = group  # if the forward fails, _fail_all still finds them
             self._prefill(group)
+            self._prefilling = []
 
     def _started(self, seq: _Sequence) -> None:
         seq.queue_time_s = time.monotonic() - seq.submitted_at
+        self._stats.num_prompt_tokens += len(seq.prompt_ids)
+        self._stats.num_cached_prompt_tokens += _num_cached(seq)
+
+    # ---- prefix cache ------------------------------------------------------------------
+
+    def _prefix_of(self, seq: _Sequence) -> PrefixHit | None:
+        """The cached start of this prompt, looked up once (when it first heads the queue)."""
+        if self._prefix_cache is not None and not seq.is_prefix_looked_up:
+            seq.prefix = self._prefix_cache.lookup(seq.prompt_ids)
+            seq.is_prefix_looked_up = True
+        return seq.prefix
+
+    def _num_to_compute(self, seq: _Sequence) -> int:
+        """Prompt tokens this request still needs a forward pass for."""
+        self._prefix_of(seq)
+        return len(seq.prompt_ids) - _num_cached(seq)
+
+    def _remember(self, token_ids: list[int], layers: LayerKV, columns: torch.Tensor) -> None:
+        """Caches token_ids' keys/values, found at `columns` of `layers` (one row each)."""
+        if self._prefix_cache is None:
+            return
+        num_full = len(token_ids) // BLOCK_TOKENS * BLOCK_TOKENS
+        if num_full == 0:
+            return
+        columns = columns[:num_full]
+        kept = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in layers]
+        self._prefix_cache.store(token_ids[:num_full], kept)
+
+    def _remember_rows(
+        self, seqs: list[_Sequence], token_lists: list[list[int]], cache: DynamicCache, mask: Any
+    ) -> None:
+        """Caches each row's tokens from a batch cache whose mask marks the real columns."""
+        if self._prefix_cache is None:
+            return
+        layers = cache_kv(cache)
+        for row, (seq, token_ids) in enumerate(zip(seqs, token_lists, strict=True)):
+            if len(token_ids) // BLOCK_TOKENS * BLOCK_TOKENS <= _num_cached(seq):
+                continue  # nothing new: what it could add is what it was given
+            row_layers = [(k[row : row + 1], v[row : row + 1]) for k, v in layers]
+            self._remember(token_ids, row_layers, mask[row].nonzero().squeeze(1))
+
+    # ---- prefill -----------------------------------------------------------------------
 
     def _prefill(self, group: list[_Sequence]) -> None:
+        """One left-padded forward for the group. Rows with a cached prefix feed only the rest
+        of their prompt after it: columns [cached prefixes, left-padded][rests, left-padded]."""
         for seq in group:
             self._started(seq)
-        input_ids, mask = self._left_padded([seq.prompt_ids for seq in group])
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        new_cache = DynamicCache()
+        cached = [_num_cached(seq) for seq in group]
+        input_ids, rest_mask = self._left_padded(
+            [seq.prompt_ids[n:] for seq, n in zip(group, cached, strict=True)]
+        )
+        offsets = torch.tensor(cached, device=self.device).unsqueeze(1)
+        position_ids = (rest_mask.cumsum(dim=1) - 1).clamp(min=0) + offsets
+        new_cache, mask = DynamicCache(), rest_mask
+        if max(cached):
+            width = max(cached)
+            prefixes = [seq.prefix.layers if seq.prefix else None for seq in group]
+            new_cache = growing_cache(left_padded_rows(prefixes, width))
+            prefix_mask = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
+            for row, num in enumerate(cached):
+                prefix_mask[row, width - num :] = 1
+            mask = torch.cat([prefix_mask, rest_mask], dim=1)
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -295,7 +369,20 @@ class LLMEngine:
             use_cache=True,
             logits_to_keep=1,
         )
+        self._remember_rows(group, [seq.prompt_ids for seq in group], new_cache, mask)
         self._start_decoding(group, new_cache, mask, out.logits[:, -1, :])
+
+    def _release_prefixes(self, group: list[_Sequence]) -> None:
+        for seq in group:  # prefilled: its views must not keep an evicted entry alive
+            if seq.prefix is not None:
+                seq.prefix.layers = []
+
+    def _chunked_prefill(self, seq: _Sequence) -> _ChunkedPrefill:
+        """A long prompt's own cache, starting after its cached prefix if it has one."""
+        if seq.prefix is None:
+            return _ChunkedPrefill(seq, DynamicCache())
+        cache = growing_cache(seq.prefix.layers)
+        return _ChunkedPrefill(seq, cache, num_done=seq.prefix.num_tokens)
 
     def _prefill_chunk(self, chunked: _ChunkedPrefill) -> None:
         """Feeds the next max_prefill_tokens of a long prompt; on the last chunk the row joins
@@ -315,6 +402,7 @@ class LLMEngine:
         if end == len(prompt):
             self._chunked = None
             mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+            self._remember_rows([chunked.seq], [prompt], chunked.cache, mask)
             self._start_decoding([chunked.seq], chunked.cache, mask, out.logits[:, -1, :])
 
     def _start_decoding(
@@ -325,6 +413,7 @@ class LLMEngine:
         last_logits: torch.Tensor,
     ) -> None:
         """Prefilled rows join the running batch and take their first token."""
+        self._release_prefixes(group)
         self._batch.append_rows(cache, mask)
         self._running.extend(group)
         next_ids = sample_next_tokens(last_logits, [seq.sampler for seq in group])
@@ -363,6 +452,7 @@ class LLMEngine:
         """Takes one new token for a sequence; emits its text. Returns True when it finished."""
         seq.num_generated += 1
         seq.last_token = token_id
+        seq.output_ids.append(token_id)
         seq.sampler.record(token_id)
         if token_id in self.eos_token_ids and not seq.sampler.params.ignore_eos:
             return self._finish(seq, "stop", seq.stop_matcher.flush())
@@ -384,6 +474,8 @@ class LLMEngine:
         return False
 
     def _finish(self, seq: _Sequence, reason: str, text: str, error: str | None = None) -> bool:
+        if reason in ("stop", "length"):  # a running row: its answer can seed the next turn
+            self._remember_answer(seq)
         seq.is_done = True  # _compact removes the row
         text, seq.unsent_text = seq.unsent_text + text, ""
         if reason == "abort":
@@ -406,6 +498,19 @@ class LLMEngine:
             queue_time_s=seq.queue_time_s,
         )
 
+    def _remember_answer(self, seq: _Sequence) -> None:
+        """Caches prompt + answer of a finished row (a chat's next turn starts with them). The
+        last token was sampled but never fed, so the cache holds all but that one."""
+        if self._prefix_cache is None or self._batch.cache is None:
+            return
+        row = self._running.index(seq)
+        token_ids = seq.prompt_ids + seq.output_ids[:-1]
+        mask = self._batch.attention_mask
+        assert mask is not None
+        rows = cache_kv(self._batch.cache)
+        layers = [(k[row : row + 1], v[row : row + 1]) for k, v in rows]
+        self._remember(token_ids, layers, mask[row].nonzero().squeeze(1))
+
     def _compact(self) -> None:
         """Frees finished rows' KV memory, then sends their final outputs."""
         keep = [i for i, seq in enumerate(self._running) if not seq.is_done]
@@ -421,7 +526,15 @@ class LLMEngine:
             if not seq.is_done:
                 self._finish(seq, "error", "", error=message)
         self._waiting.clear()
-        self._chunked = None
+        self._chunked, self._prefilling = None, []
         self._running = []
         self._batch = BatchCache()
         self._compact()
+
+
+def _num_cached(seq: _Sequence) -> int:
+    return seq.prefix.num_tokens if seq.prefix else 0
+
+
+def _has_sliding_window(model: Any) -> bool:
+    return getattr(model.config.get_text_config(), "sliding_window", None) is not None

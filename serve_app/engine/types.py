@@ -52,4 +52,6 @@ class EngineStats:
     num_finished: int = 0
     num_aborted: int = 0
     num_steps: int = 0
+    num_prompt_tokens: int = 0  # of the requests prefilled so far
+    num_cached_prompt_tokens: int = 0  # of those, taken from the prefix cache
     running_ids: list[str] = field(default_factory=list)

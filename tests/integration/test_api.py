@@ -165,6 +165,35 @@ def test_long_prompt_is_prefilled_in_chunks_and_answered(client: openai.OpenAI) 
     assert "Paris" in (reply.choices[0].message.content or "")
 
 
+def test_a_resent_conversation_is_prefilled_from_the_prefix_cache(
+    client: openai.OpenAI, service_url: str
+) -> None:
+    """config/serve.yaml gives SmolLM2 a prefix cache: a chat's next turn resends the earlier
+    turns, and their keys/values come from the cache."""
+    notes = " ".join(f"Fact {i}: shelf {i} holds {i % 9 + 1} red boxes." for i in range(30))
+    first = [{"role": "user", "content": f"{notes}\nHow many boxes are on shelf 4?"}]
+    answer = client.chat.completions.create(
+        model=CHAT_MODEL, messages=first, temperature=0, max_tokens=12
+    )
+    next_turn = [
+        *first,
+        {"role": "assistant", "content": answer.choices[0].message.content or ""},
+        {"role": "user", "content": "And on shelf 5?"},
+    ]
+    before = stats(service_url)["num_cached_prompt_tokens"]
+    cached = client.chat.completions.create(
+        model=CHAT_MODEL, messages=next_turn, temperature=0, max_tokens=12
+    )
+    reused = stats(service_url)["num_cached_prompt_tokens"] - before
+    assert answer.usage and reused >= answer.usage.prompt_tokens - 16  # the whole first turn
+    assert cached.choices[0].message.content and cached.choices[0].finish_reason in (
+        "stop",
+        "length",
+    )
+    # That the cached keys give the same text as computing them is checked against
+    # transformers' generate() in tests/unit/test_prefix_cache.py.
+
+
 def test_seed_reproducible_through_the_api(client: openai.OpenAI) -> None:
     ask = dict(
         model=CHAT_MODEL,

@@ -30,6 +30,16 @@ def test_update_in_place_equals_concatenation_across_regrowth() -> None:
     assert layer._key_buffer is not buffer_before  # it did regrow, and stayed equal
 
 
+def test_a_chunk_longer_than_the_spare_room_regrows_to_fit() -> None:
+    keys, values = _kv(1, 16, seed=0)
+    layer = GrowingLayer(keys, values)
+    chunk_keys, chunk_values = _kv(1, _spare_columns(16) + 200, seed=1)  # a prefill chunk
+    got_keys, got_values = layer.update(chunk_keys, chunk_values)
+    assert torch.equal(got_keys, torch.cat([keys, chunk_keys], dim=2))
+    assert torch.equal(got_values, torch.cat([values, chunk_values], dim=2))
+    assert layer._key_buffer.shape[2] > got_keys.shape[2]  # room left for decode steps
+
+
 def test_steps_within_spare_room_write_into_the_same_buffer() -> None:
     layer = GrowingLayer(*_kv(2, 4, seed=0))
     buffer = layer._key_buffer

@@ -65,6 +65,22 @@ async def test_missing_weights_keep_the_replica_up_and_answer_503(tmp_path: Path
     server.check_health()  # does not raise: restarting would not bring the weights back
 
 
+async def test_a_prefill_failing_before_any_token_ends_the_stream_with_its_error(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    server = make_server(str(tiny_model_dir), tmp_path)
+
+    def failing_prefill(*_: object) -> None:
+        raise RuntimeError("simulated prefill failure")
+
+    server.engine._prefill = failing_prefill  # the engine loop catches it and fails the request
+    out = await asyncio.wait_for(events(server, call()), timeout=30)  # never left hanging
+    assert isinstance(out[0], Admitted)
+    last = out[-1]
+    assert last.finish_reason == "error" and last.num_generated_tokens == 0
+    assert "simulated prefill failure" in last.error
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 async def test_dead_inference_thread_fails_in_flight_and_health(
     tiny_model_dir: Path, tmp_path: Path

@@ -1,0 +1,113 @@
+"""Automatic prefix caching: the keys and values of recent requests' tokens, reused by later
+requests that begin with the same tokens (a shared system prompt, the earlier turns of a chat,
+which a client resends whole every turn).
+
+Entries are indexed by a chained hash at every BLOCK_TOKENS boundary, as in vLLM's automatic
+prefix caching, so a prompt that shares only the first blocks of an entry reuses those. An entry
+is one request's tokens (its prompt once prefilled; prompt and answer once it finished) with one
+contiguous [1, heads, tokens, dim] copy of keys and values per layer. Least recently used
+entries go first when the token budget is full. Used by the inference thread only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_TOKENS = 16
+
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, heads, n, dim]
+
+
+@dataclass(slots=True)
+class PrefixHit:
+    num_tokens: int  # the first num_tokens of the prompt are cached
+    layers: LayerKV  # views of the entry, exactly num_tokens long
+
+
+@dataclass(slots=True)
+class _Entry:
+    token_ids: list[int]
+    layers: LayerKV
+    hashes: list[int]
+
+
+def block_hashes(token_ids: list[int]) -> list[int]:
+    """hashes[i] stands for token_ids[: (i + 1) * BLOCK_TOKENS]; a partial last block has none."""
+    hashes: list[int] = []
+    previous = 0
+    for end in range(BLOCK_TOKENS, len(token_ids) + 1, BLOCK_TOKENS):
+        previous = hash((previous, *token_ids[end - BLOCK_TOKENS : end]))
+        hashes.append(previous)
+    return hashes
+
+
+class PrefixCache:
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.num_tokens = 0  # tokens held by all entries
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        self._index: dict[int, tuple[int, int]] = {}  # block hash -> (entry id, its tokens)
+        self._next_id = 0
+
+    def lookup(self, token_ids: list[int]) -> PrefixHit | None:
+        """The longest cached prefix of token_ids that leaves at least one token to compute
+        (the last prompt token's logits pick the first new token)."""
+        hashes = block_hashes(token_ids[: len(token_ids) - 1])
+        for block_hash in reversed(hashes):
+            found = self._index.get(block_hash)
+            if found is None:
+                continue
+            entry_id, num_tokens = found
+            entry = self._entries[entry_id]
+            if entry.token_ids[:num_tokens] != token_ids[:num_tokens]:
+                continue  # a hash collision: never reuse another prompt's keys
+            self._entries.move_to_end(entry_id)
+            layers = [(k[:, :, :num_tokens], v[:, :, :num_tokens]) for k, v in entry.layers]
+            return PrefixHit(num_tokens, layers)
+        return None
+
+    def store(self, token_ids: list[int], layers: LayerKV) -> None:
+        """Keeps the full blocks of token_ids; `layers` holds their keys/values (at least as
+        many positions as token_ids, the first ones matching)."""
+        num_tokens = len(token_ids) // BLOCK_TOKENS * BLOCK_TOKENS
+        if num_tokens == 0 or num_tokens > self.max_tokens:
+            return
+        token_ids = list(token_ids[:num_tokens])
+        hashes = block_hashes(token_ids)
+        same = self._index.get(hashes[-1])
+        if same is not None and self._entries[same[0]].token_ids[:num_tokens] == token_ids:
+            self._entries.move_to_end(same[0])  # already cached, alone or inside a longer entry
+            return
+        self._drop_entries_covered_by(token_ids, hashes)
+        while self.num_tokens + num_tokens > self.max_tokens:
+            self._drop(next(iter(self._entries)))
+        copies = [
+            (k[:, :, :num_tokens].contiguous().clone(), v[:, :, :num_tokens].contiguous().clone())
+            for k, v in layers
+        ]
+        entry_id, self._next_id = self._next_id, self._next_id + 1
+        self._entries[entry_id] = _Entry(token_ids, copies, hashes)
+        self.num_tokens += num_tokens
+        for block, block_hash in enumerate(hashes):
+            self._index[block_hash] = (entry_id, (block + 1) * BLOCK_TOKENS)
+
+    def _drop_entries_covered_by(self, token_ids: list[int], hashes: list[int]) -> None:
+        """A finished answer extends its own prompt's entry: the shorter one is redundant."""
+        for block_hash in hashes:
+            found = self._index.get(block_hash)
+            if found is None:
+                continue
+            entry_id, num_tokens = found
+            entry = self._entries[entry_id]
+            if len(entry.token_ids) == num_tokens and entry.token_ids == token_ids[:num_tokens]:
+                self._drop(entry_id)
+
+    def _drop(self, entry_id: int) -> None:
+        entry = self._entries.pop(entry_id)
+        self.num_tokens -= len(entry.token_ids)
+        for block_hash in entry.hashes:
+            if self._index.get(block_hash, (None, 0))[0] == entry_id:
+                del self._index[block_hash]

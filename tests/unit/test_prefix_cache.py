@@ -1,0 +1,199 @@
+"""Prefix caching: the block index on its own, then the engine reusing cached keys/values
+(whole prompts, a group mixing cached and uncached rows, a chat's next turn, a chunked rest)
+with the same greedy text as transformers' generate() without any cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from serve_app.engine.llm_engine import LLMEngine
+from serve_app.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
+from serve_app.engine.types import RequestOutput, SamplingParams
+from tests.unit.test_engine import LONG_PROMPT, iterate, prompt_ids
+
+
+def kv(num_tokens: int, value: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    keys = torch.full((1, 2, num_tokens, 4), value)
+    return [(keys, -keys), (keys * 2, -keys * 2)]
+
+
+def test_lookup_finds_the_longest_cached_block_prefix_and_leaves_a_token() -> None:
+    cache = PrefixCache(max_tokens=64)
+    tokens = list(range(40))
+    cache.store(tokens, kv(40, 1.0))
+    assert cache.num_tokens == 32  # full blocks only
+    hit = cache.lookup(tokens[:20] + [999])
+    assert hit is not None and hit.num_tokens == 16
+    assert hit.layers[1][0].shape == (1, 2, 16, 4) and float(hit.layers[1][0][0, 0, 0, 0]) == 2.0
+    hit = cache.lookup(tokens[:33])
+    assert hit is not None and hit.num_tokens == 32
+    assert cache.lookup(tokens[:16]) is None  # a hit must leave the last token to compute
+    assert cache.lookup([7, *tokens[1:]]) is None  # the first block differs
+
+
+def test_stored_keys_are_copies() -> None:
+    cache = PrefixCache(max_tokens=64)
+    layers = kv(16, 1.0)
+    cache.store(list(range(16)), layers)
+    layers[0][0].fill_(5.0)
+    hit = cache.lookup([*range(16), 99])
+    assert hit is not None and float(hit.layers[0][0].max()) == 1.0
+
+
+def test_an_answer_replaces_its_prompt_entry_and_old_entries_are_evicted() -> None:
+    cache = PrefixCache(max_tokens=64)
+    prompt = list(range(32))
+    cache.store(prompt, kv(32, 1.0))
+    cache.store([*prompt, *range(100, 132)], kv(64, 2.0))  # the prompt and its answer
+    assert cache.num_tokens == 64  # the prompt's own entry was dropped, not kept twice
+    hit = cache.lookup([*prompt, 7])
+    assert hit is not None and hit.num_tokens == 32 and float(hit.layers[0][0].max()) == 2.0
+    cache.store(prompt, kv(32, 9.0))  # inside the longer entry already: nothing added
+    assert cache.num_tokens == 64
+    cache.store(list(range(500, 532)), kv(32, 3.0))  # over budget: the oldest goes
+    assert cache.num_tokens == 32
+    assert cache.lookup([*prompt, 7]) is None
+    cache.store(list(range(1000, 1000 + 80)), kv(80, 4.0))  # larger than the budget: skipped
+    assert cache.num_tokens == 32
+
+
+# ---- the engine with a prefix cache -----------------------------------------------------
+
+
+def prefix_engine(
+    tiny_model_dir: Path, engine: LLMEngine, max_prefill_tokens: int = 256
+) -> LLMEngine:
+    """An engine the test drives itself, with a prefix cache."""
+    torch.set_grad_enabled(False)
+    return LLMEngine(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        engine.tokenizer,
+        max_num_seqs=8,
+        max_model_len=512,
+        eos_token_ids=set(),
+        max_prefill_tokens=max_prefill_tokens,
+        prefix_cache_tokens=2048,
+    )
+
+
+def run(engine: LLMEngine, requests: dict[str, tuple[list[int], int]]) -> dict[str, str]:
+    """Submits every request (greedy), iterates until all finished, returns their texts."""
+    texts = dict.fromkeys(requests, "")
+    finished: set[str] = set()
+    for request_id, (ids, max_tokens) in requests.items():
+
+        def sink(output: RequestOutput, request_id: str = request_id) -> None:
+            texts[request_id] += output.text
+            if output.is_finished:
+                finished.add(request_id)
+
+        engine.submit(request_id, ids, SamplingParams(temperature=0.0, max_tokens=max_tokens), sink)
+    while len(finished) < len(requests):
+        iterate(engine)
+    return texts
+
+
+def greedy_ids(model_dir: Path, ids: list[int], max_new_tokens: int) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return [int(t) for t in out[0, len(ids) :]]
+
+
+def greedy_text(model_dir: Path, engine: LLMEngine, ids: list[int], max_new_tokens: int) -> str:
+    new_ids = greedy_ids(model_dir, ids, max_new_tokens)
+    return str(engine.tokenizer.decode(new_ids, skip_special_tokens=True))
+
+
+def full_blocks(num_tokens: int) -> int:
+    return num_tokens // BLOCK_TOKENS * BLOCK_TOKENS
+
+
+def test_a_repeated_prompt_is_prefilled_from_the_cache_with_the_same_answer(
+    tiny_model_dir: Path, engine: LLMEngine
+) -> None:
+    cached = prefix_engine(tiny_model_dir, engine)
+    ids = prompt_ids(engine, LONG_PROMPT)
+    first = run(cached, {"a": (ids, 12)})["a"]
+    assert cached.stats().num_cached_prompt_tokens == 0
+    second = run(cached, {"b": (ids, 12)})["b"]
+    assert cached.stats().num_cached_prompt_tokens == full_blocks(len(ids) - 1) > 0
+    assert first == second == greedy_text(tiny_model_dir, engine, ids, 12)
+
+
+def test_one_prefill_mixing_cached_and_uncached_rows_matches_generate(
+    tiny_model_dir: Path, engine: LLMEngine
+) -> None:
+    cached = prefix_engine(tiny_model_dir, engine)
+    long_ids = prompt_ids(engine, LONG_PROMPT)
+    run(cached, {"seed": (long_ids, 3)})
+    prompts = {
+        "extends": long_ids + prompt_ids(engine, " Paris is a city in France."),
+        "fresh": prompt_ids(engine, "def main():"),
+        "shares-two-blocks": long_ids[:40] + prompt_ids(engine, "héllo"),
+    }
+    texts = dict.fromkeys(prompts, "")
+    for request_id, ids in prompts.items():
+
+        def sink(output: RequestOutput, request_id: str = request_id) -> None:
+            texts[request_id] += output.text
+
+        cached.submit(request_id, ids, SamplingParams(temperature=0.0, max_tokens=10), sink)
+    cached._drain_inbox(block=False)
+    cached._prefill_next()
+    # One forward for all three: each row's cached prefix, padding, then the rest of its prompt.
+    hits = {seq.request_id: seq.prefix.num_tokens if seq.prefix else 0 for seq in cached._running}
+    assert hits == {"extends": full_blocks(len(long_ids)), "fresh": 0, "shares-two-blocks": 32}
+    while cached._running:
+        cached._decode_step()
+    for request_id, ids in prompts.items():
+        assert texts[request_id] == greedy_text(tiny_model_dir, engine, ids, 10), request_id
+
+
+def test_the_next_turn_of_a_chat_reuses_the_cached_answer(
+    tiny_model_dir: Path, engine: LLMEngine
+) -> None:
+    cached = prefix_engine(tiny_model_dir, engine)
+    question = prompt_ids(engine, LONG_PROMPT)
+    run(cached, {"turn-1": (question, 20)})
+    answer = greedy_ids(tiny_model_dir, question, 20)  # what the engine answered (same greedy)
+    next_turn = question + answer + prompt_ids(engine, " The capital of France is")
+    before = cached.stats().num_cached_prompt_tokens
+    text = run(cached, {"turn-2": (next_turn, 8)})["turn-2"]
+    reused = cached.stats().num_cached_prompt_tokens - before
+    # The cache holds the question and all but the last answer token (never fed back).
+    assert reused == full_blocks(len(question) + len(answer) - 1) > full_blocks(len(question))
+    assert text == greedy_text(tiny_model_dir, engine, next_turn, 8)
+
+
+@pytest.mark.parametrize("budget", [16, 100])  # 100: chunks longer than the cache's spare room
+def test_a_long_rest_after_a_cached_prefix_is_prefilled_in_chunks(
+    tiny_model_dir: Path, engine: LLMEngine, budget: int
+) -> None:
+    cached = prefix_engine(tiny_model_dir, engine, max_prefill_tokens=budget)
+    ids = prompt_ids(engine, " ".join([LONG_PROMPT] * 4))
+    assert len(ids) - 32 > 2 * budget  # so the rest takes several chunks
+    run(cached, {"seed": (ids[:40], 2)})
+    text = run(cached, {"long": (ids, 6)})["long"]
+    assert cached.stats().num_cached_prompt_tokens == 32
+    assert text == greedy_text(tiny_model_dir, engine, ids, 6)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 64])
+def test_prefix_caching_is_off_for_sliding_window_models(
+    tiny_model_dir: Path, engine: LLMEngine, sliding_window: int | None
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.sliding_window = sliding_window
+    built = LLMEngine(
+        model,
+        engine.tokenizer,
+        max_num_seqs=2,
+        max_model_len=512,
+        eos_token_ids=set(),
+        prefix_cache_tokens=1024,
+    )
+    assert (built._prefix_cache is None) == (sliding_window is not None)
