@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from peers import noise, targets
 from peers.loadgen import Quiet, format_row, http_sender, run_level, run_quietest_level
 
@@ -93,6 +94,13 @@ def parse_args() -> argparse.Namespace:
         help="torch_threads of serve-app's SmolLM2 and the offline engine (default: the config's)",
     )
     parser.add_argument(
+        "--engine-option",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="engine options (YAML values) of serve-app's SmolLM2 and the offline engine alike",
+    )
+    parser.add_argument(
         "--replica-env",
         nargs="+",
         default=[],
@@ -144,14 +152,21 @@ async def http_sweep(
 
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Engine options set on serve-app's SmolLM2 and on the offline engine alike."""
-    return {} if args.engine_threads is None else {"torch_threads": args.engine_threads}
+    options = {} if args.engine_threads is None else {"torch_threads": args.engine_threads}
+    for name, value in name_values(args.engine_option, "--engine-option").items():
+        options[name] = yaml.safe_load(value)
+    return options
+
+
+def name_values(items: list[str], flag: str) -> dict[str, str]:
+    pairs = [item.partition("=") for item in items]
+    if any(not name or not sep for name, sep, _ in pairs):
+        raise SystemExit(f"{flag} takes NAME=VALUE items, got {items}")
+    return {name: value for name, _, value in pairs}
 
 
 def replica_env(args: argparse.Namespace) -> dict[str, str]:
-    pairs = [item.partition("=") for item in args.replica_env]
-    if any(not name or not sep for name, sep, _ in pairs):
-        raise SystemExit(f"--replica-env takes NAME=VALUE items, got {args.replica_env}")
-    return {name: value for name, _, value in pairs}
+    return name_values(args.replica_env, "--replica-env")
 
 
 def server_command(
