@@ -80,8 +80,10 @@ def prefix_engine(
     )
 
 
-def run(engine: LLMEngine, requests: dict[str, tuple[list[int], int]]) -> dict[str, str]:
-    """Submits every request (greedy), iterates until all finished, returns their texts."""
+def submit_all(
+    engine: LLMEngine, requests: dict[str, tuple[list[int], int]]
+) -> tuple[dict[str, str], set[str]]:
+    """Submits every request (greedy); returns their texts and finished ids as they fill in."""
     texts = dict.fromkeys(requests, "")
     finished: set[str] = set()
     for request_id, (ids, max_tokens) in requests.items():
@@ -92,6 +94,12 @@ def run(engine: LLMEngine, requests: dict[str, tuple[list[int], int]]) -> dict[s
                 finished.add(request_id)
 
         engine.submit(request_id, ids, SamplingParams(temperature=0.0, max_tokens=max_tokens), sink)
+    return texts, finished
+
+
+def run(engine: LLMEngine, requests: dict[str, tuple[list[int], int]]) -> dict[str, str]:
+    """Submits every request, iterates until all finished, returns their texts."""
+    texts, finished = submit_all(engine, requests)
     while len(finished) < len(requests):
         iterate(engine)
     return texts
@@ -135,13 +143,7 @@ def test_one_prefill_mixing_cached_and_uncached_rows_matches_generate(
         "fresh": prompt_ids(engine, "def main():"),
         "shares-two-blocks": long_ids[:40] + prompt_ids(engine, "héllo"),
     }
-    texts = dict.fromkeys(prompts, "")
-    for request_id, ids in prompts.items():
-
-        def sink(output: RequestOutput, request_id: str = request_id) -> None:
-            texts[request_id] += output.text
-
-        cached.submit(request_id, ids, SamplingParams(temperature=0.0, max_tokens=10), sink)
+    texts, _ = submit_all(cached, {request_id: (ids, 10) for request_id, ids in prompts.items()})
     cached._drain_inbox(block=False)
     cached._prefill_next()
     # One forward for all three: each row's cached prefix, padding, then the rest of its prompt.
