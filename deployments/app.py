@@ -26,8 +26,8 @@ from serve_app.config import (
 
 # The replica half of Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode: user code and the
 # handles' router on the replica's own event loop (no hop to a second thread per message), and
-# streams between deployments over gRPC. The ingress spends ~0.65 ms of CPU per streamed token
-# instead of ~1.1 ms (docs/benchmarks.md). Set here, not in the environment of `serve run`, so
+# streams between deployments over gRPC. The ingress spends ~0.55 ms of CPU per streamed token
+# instead of ~0.9 ms (docs/benchmarks.md). Set here, not in the environment of `serve run`, so
 # every way of starting the service gets them; a model's own ray_actor_options.runtime_env
 # env_vars override them.
 REPLICA_ENV_VARS = {
