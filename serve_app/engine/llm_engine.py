@@ -322,7 +322,7 @@ class LLMEngine:
         num_full = len(token_ids) // BLOCK_TOKENS * BLOCK_TOKENS
         if num_full == 0:
             return
-        columns = columns[:num_full]
+        columns = columns[:num_full]  # gathered once: the cache keeps these copies
         kept = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in layers]
         self._prefix_cache.store(token_ids[:num_full], kept)
 

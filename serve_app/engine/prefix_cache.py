@@ -5,7 +5,7 @@ which a client resends whole every turn).
 Entries are indexed by a chained hash at every BLOCK_TOKENS boundary, as in vLLM's automatic
 prefix caching, so a prompt that shares only the first blocks of an entry reuses those. An entry
 is one request's tokens (its prompt once prefilled; prompt and answer once it finished) with one
-contiguous [1, heads, tokens, dim] copy of keys and values per layer. Least recently used
+[1, heads, tokens, dim] tensor of keys and one of values per layer. Least recently used
 entries go first when the token budget is full. Used by the inference thread only.
 """
 
@@ -71,7 +71,8 @@ class PrefixCache:
 
     def store(self, token_ids: list[int], layers: LayerKV) -> None:
         """Keeps the full blocks of token_ids; `layers` holds their keys/values (at least as
-        many positions as token_ids, the first ones matching)."""
+        many positions as token_ids, the first ones matching). The entry keeps these tensors,
+        not copies: the engine passes tensors it gathered for the cache alone."""
         num_tokens = len(token_ids) // BLOCK_TOKENS * BLOCK_TOKENS
         if num_tokens == 0 or num_tokens > self.max_tokens:
             return
@@ -84,12 +85,9 @@ class PrefixCache:
         self._drop_entries_covered_by(token_ids, hashes)
         while self.num_tokens + num_tokens > self.max_tokens:
             self._drop(next(iter(self._entries)))
-        copies = [
-            (k[:, :, :num_tokens].contiguous().clone(), v[:, :, :num_tokens].contiguous().clone())
-            for k, v in layers
-        ]
+        kept = [(k[:, :, :num_tokens], v[:, :, :num_tokens]) for k, v in layers]
         entry_id, self._next_id = self._next_id, self._next_id + 1
-        self._entries[entry_id] = _Entry(token_ids, copies, hashes)
+        self._entries[entry_id] = _Entry(token_ids, kept, hashes)
         self.num_tokens += num_tokens
         for block, block_hash in enumerate(hashes):
             self._index[block_hash] = (entry_id, (block + 1) * BLOCK_TOKENS)
