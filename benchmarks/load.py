@@ -29,6 +29,8 @@ from urllib.parse import urlparse
 import httpx
 from peers import targets
 
+from serve_app.sse import DONE, aiter_data
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHAT_MODEL = "smollm2-135m-instruct"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
@@ -114,11 +116,8 @@ async def read_refusal(response: httpx.Response, result: StreamResult) -> None:
 async def read_events(response: httpx.Response, result: StreamResult, start: float) -> None:
     """SSE until [DONE]; the outcome stays `truncated` unless [DONE] closes a finished stream."""
     result.outcome = "truncated"
-    async for line in response.aiter_lines():
-        if not line.startswith("data: "):
-            continue
-        data = line[len("data: ") :]
-        if data == "[DONE]":
+    async for data in aiter_data(response.aiter_lines()):
+        if data == DONE:
             has_finished = result.finish_reason in ("stop", "length")
             result.outcome = "done" if has_finished else result.outcome
             return

@@ -34,6 +34,8 @@ from typing import Any
 import httpx
 from load import CHAT_MODEL, QUESTIONS, check_local, engine_stats, running_service
 
+from serve_app.sse import DONE, aiter_data
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_MODEL = "gemma-3-270m"
 EMBED_MODEL = "all-minilm-l6-v2"
@@ -98,11 +100,8 @@ def chat_body(max_tokens: int, stream: bool = True) -> dict[str, Any]:
 async def read_stream(response: httpx.Response) -> str | None:
     """None when the stream finished properly and ended with [DONE]; else what went wrong."""
     finish_reason = None
-    async for line in response.aiter_lines():
-        if not line.startswith("data: "):
-            continue
-        data = line[len("data: ") :]
-        if data == "[DONE]":
+    async for data in aiter_data(response.aiter_lines()):
+        if data == DONE:
             return None if finish_reason in ("stop", "length") else "[DONE] before a finish_reason"
         chunk = json.loads(data)
         if "error" in chunk:
@@ -127,8 +126,8 @@ async def cancel_once(client: httpx.AsyncClient, tally: Tally) -> None:
         if response.status_code != 200:
             tally.bad("cancel", f"{response.status_code} {(await response.aread())[:200]!r}")
             return
-        async for line in response.aiter_lines():
-            if '"content":"' in line and '"content":""' not in line:
+        async for data in aiter_data(response.aiter_lines()):
+            if '"content":"' in data and '"content":""' not in data:
                 break  # leaving the block closes the connection after the first token
         else:
             tally.bad("cancel", "stream ended before its first token")

@@ -10,6 +10,8 @@ from typing import Any, TextIO
 
 import httpx
 
+from serve_app.sse import DONE, iter_data
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -60,10 +62,10 @@ def stream_chat(
         if response.status_code != 200:
             response.read()
             raise RuntimeError(response.json()["error"]["message"])
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for data in iter_data(response.iter_lines()):
+            if data == DONE:
+                return
+            chunk = json.loads(data)
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             if chunk["choices"]:

@@ -16,18 +16,12 @@ import httpx
 import pytest
 import yaml
 
+from serve_app.ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = REPO_ROOT / "config" / "serve.yaml"
 OUTPUT_DIR = REPO_ROOT / "test-output"
 STARTUP_TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -70,7 +64,7 @@ def running_service(
     workdir: Path, name: str, config: dict[str, Any] | None = None, ready_path: str = "/health"
 ) -> Iterator[str]:
     """`serve run` of a config on a free 127.0.0.1 port; yields its URL; stops it after."""
-    port = _free_port()
+    port = free_port()
     config_path = write_test_config(port, workdir / f"{name}.yaml", config)
     OUTPUT_DIR.mkdir(exist_ok=True)
     log_path = OUTPUT_DIR / f"{name}.log"

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from peers import noise
+from serve_app.sse import DONE, aiter_data
 
 # Fixed, deterministic chat prompts that ask for long answers, so most requests run to
 # max_tokens on every target (greedy decoding of the same model gives the same lengths).
@@ -89,11 +90,8 @@ def http_sender(client: httpx.AsyncClient, base_url: str, model: str, max_tokens
                 text = (await resp.aread()).decode(errors="replace")
                 result.error = f"HTTP {resp.status_code}: {text[:200]}"
                 return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for data in aiter_data(resp.aiter_lines()):
+                if data == DONE:
                     break
                 if not _take_event(json.loads(data), result, time.perf_counter() - started):
                     return

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import yaml
 
 from serve_app.config import model_entries, with_models
 from serve_app.model_store import read_safetensors_header
+from serve_app.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -37,12 +37,6 @@ class Server:
     model: str  # the `model` field the server expects
     log_path: Path
     ready_s: float = 0.0  # from spawn to health 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def child_env() -> dict[str, str]:

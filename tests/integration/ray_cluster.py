@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,23 +26,14 @@ from typing import Any
 import httpx
 import yaml
 
+from serve_app.ports import free_ports
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(sys.executable).parent
 # Ray turns 127.0.0.1 as a node address into this machine's routable IP; another loopback
 # address keeps the node's own listeners on the loopback interface.
 NODE_IP = "127.0.0.2"
 _DRAIN_TIMEOUT_S = 5
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def session_members(session_id: int) -> list[int]:

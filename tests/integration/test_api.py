@@ -10,6 +10,8 @@ import httpx
 import openai
 import pytest
 
+from serve_app.sse import iter_data
+
 pytestmark = pytest.mark.integration
 
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -21,10 +23,6 @@ PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def client(service_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{service_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def sse_events(response: httpx.Response) -> list[str]:
-    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
 
 
 # ---- models and health -------------------------------------------------------------------
@@ -100,10 +98,9 @@ def test_sse_wire_format_and_headers(service_url: str) -> None:
         assert response.headers["x-request-id"]
         arrivals = []
         events = []
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:])
-                arrivals.append(time.monotonic())
+        for data in iter_data(response.iter_lines()):
+            events.append(data)
+            arrivals.append(time.monotonic())
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)

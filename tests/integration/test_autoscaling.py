@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from serve_app.config import ingress_deployment, model_entries, with_models
+from serve_app.sse import DONE, iter_data
 from tests.conftest import OUTPUT_DIR, SERVE_CONFIG, running_service
 from tests.integration.ray_cluster import deployment_status
 
@@ -106,12 +107,12 @@ class Load:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 return f"HTTP {response.status_code}: {response.read()[:200]!r}"
-            for line in response.iter_lines():
+            for data in iter_data(response.iter_lines()):
                 if self.stop.is_set():
                     return "stopped"
-                if line.startswith('data: {"error"'):
-                    return line
-                if line == "data: [DONE]":
+                if data.startswith('{"error"'):
+                    return data
+                if data == DONE:
                     return "done"
         return "the stream ended without [DONE]"
 

@@ -12,6 +12,8 @@ import time
 import httpx
 import pytest
 
+from serve_app.sse import iter_data
+
 pytestmark = pytest.mark.integration
 
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -62,11 +64,10 @@ def read_stream(
     url: str, path: str, body: dict, events: list[str], started: threading.Event
 ) -> None:
     with httpx.stream("POST", f"{url}{path}", json=body, timeout=120) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:])
-                if len(events) >= 3:
-                    started.set()
+        for data in iter_data(response.iter_lines()):
+            events.append(data)
+            if len(events) >= 3:
+                started.set()
 
 
 @pytest.mark.skipif(

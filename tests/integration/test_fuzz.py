@@ -23,6 +23,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from deployments.ingress import app as ingress_app
+from serve_app.sse import iter_data
 
 pytestmark = pytest.mark.integration
 
@@ -94,8 +95,8 @@ def stream_ends_with_done(ctx: Any, response: Any, case: Any) -> bool | None:
         return None
     if not response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
         return None
-    events = [line for line in response.content.decode().splitlines() if line.startswith("data: ")]
-    assert events and events[-1] == "data: [DONE]", events[-3:]
+    events = list(iter_data(response.content.decode().splitlines()))
+    assert events and events[-1] == "[DONE]", events[-3:]
     return True
 
 
@@ -403,14 +404,14 @@ def test_tiny_temperature_is_greedy_and_spares_the_batch(service_url: str) -> No
     every request in the batch (500 here, error events in others' streams)."""
     body = {"model": CHAT_MODEL, "messages": HI, "max_tokens": 64, "stream": True}
     with httpx.stream("POST", f"{service_url}{CHAT_PATH}", json=body, timeout=120) as other:
-        lines = other.iter_lines()
-        assert next(line for line in lines if line.startswith("data: "))
+        stream = iter_data(other.iter_lines())
+        assert next(stream)  # the first token is out
         for temperature in (1e-300, 5e-324, 1e-45):
             for path in (CHAT_PATH, COMPLETIONS_PATH):
                 tiny = {**VALID[path], "temperature": temperature}
                 response = httpx.post(f"{service_url}{path}", json=tiny, timeout=120)
                 assert response.status_code == 200, response.text
-        events = [line[6:] for line in lines if line.startswith("data: ")]
+        events = list(stream)
     assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
     assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
 

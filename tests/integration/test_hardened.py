@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from serve_app.config import model_entries, with_models
+from serve_app.sse import iter_data
 from tests.conftest import SERVE_CONFIG, running_service
 
 pytestmark = pytest.mark.integration
@@ -128,7 +129,7 @@ def test_deadline_ends_a_stream_with_an_error_event(hardened_url: str) -> None:
         "POST", f"{hardened_url}/v1/chat/completions", json=body, headers=HEADERS, timeout=60
     ) as response:
         assert response.status_code == 200
-        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        events = list(iter_data(response.iter_lines()))
     assert events[-1] == "[DONE]"
     last_event = json.loads(events[-2])
     assert "error" in last_event, last_event

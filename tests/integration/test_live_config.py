@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from serve_app.config import model_entries, with_models
+from serve_app.sse import DONE, iter_data
 from tests.conftest import OUTPUT_DIR, SERVE_CONFIG
 from tests.integration.ray_cluster import (
     PrivateCluster,
@@ -90,7 +91,7 @@ def wait_healthy(url: str, timeout_s: float = 120) -> None:
 
 @dataclass
 class Stream:
-    """One streamed chat completion read in a thread; every SSE line with its arrival time."""
+    """One streamed chat completion read in a thread; each SSE event's data and arrival time."""
 
     url: str
     max_tokens: int
@@ -117,9 +118,8 @@ class Stream:
                 if response.status_code != 200:
                     self.failure = f"HTTP {response.status_code}: {response.read()[:300]!r}"
                     return
-                for line in response.iter_lines():
-                    if line:
-                        self.events.append((time.monotonic(), line))
+                for data in iter_data(response.iter_lines()):
+                    self.events.append((time.monotonic(), data))
         except httpx.HTTPError as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
 
@@ -132,8 +132,7 @@ class Stream:
         return self.events[-1][0] if self.events else float("nan")
 
     def chunks(self) -> list[dict[str, Any]]:
-        lines = [line.removeprefix("data: ") for _, line in self.events]
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return [json.loads(data) for _, data in self.events if data.startswith("{")]
 
     def problems(self) -> list[str]:
         found = [self.failure] if self.failure else []
@@ -143,7 +142,7 @@ class Stream:
         reasons = [c["choices"][0]["finish_reason"] for c in self.chunks() if c.get("choices")]
         if not reasons or reasons[-1] not in ("stop", "length"):
             found.append(f"no finish_reason at the end (last: {reasons[-1:]})")
-        if not self.events or self.events[-1][1] != "data: [DONE]":
+        if not self.events or self.events[-1][1] != DONE:
             found.append("the stream did not end with data: [DONE]")
         if self.max_gap_s() > MAX_GAP_S:
             found.append(f"tokens paused for {self.max_gap_s():.1f}s (limit {MAX_GAP_S}s)")
@@ -154,7 +153,7 @@ class Stream:
         return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
     def num_content_events(self) -> int:
-        return sum(1 for _, line in self.events if '"content":' in line)
+        return sum(1 for _, data in self.events if '"content":' in data)
 
 
 def chat_pid(url: str) -> int:
