@@ -58,21 +58,21 @@ def hf_generate_tok_s(engine: LLMEngine, batch_size: int, max_tokens: int) -> fl
     tokenizer = engine.tokenizer
     ids = tokenizer(
         ["Write a long story about a dragon and a knight."] * batch_size, return_tensors="pt"
-    ).to(engine.device)
+    ).to(engine.runner.device)
     kwargs = dict(
         max_new_tokens=max_tokens,
         min_new_tokens=max_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id or 0,
     )
-    engine.model.generate(
+    engine.runner.model.generate(
         **ids, max_new_tokens=4, do_sample=False, pad_token_id=kwargs["pad_token_id"]
     )  # warm-up
-    if engine.device.type == "cuda":
+    if engine.runner.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    engine.model.generate(**ids, **kwargs)
-    if engine.device.type == "cuda":
+    engine.runner.model.generate(**ids, **kwargs)
+    if engine.runner.device.type == "cuda":
         torch.cuda.synchronize()
     return batch_size * max_tokens / (time.perf_counter() - started)
 
@@ -85,7 +85,7 @@ def profile_steps(engine: LLMEngine, num_steps: int) -> str:
     import pstats
 
     probe = LLMEngine(
-        engine.model,
+        engine.runner.model,
         engine.tokenizer,
         max_num_seqs=1,
         max_model_len=engine.max_model_len,
@@ -99,10 +99,9 @@ def profile_steps(engine: LLMEngine, num_steps: int) -> str:
     profiler = cProfile.Profile()
     profiler.enable()
     started = time.perf_counter()
-    probe._drain_inbox(block=False)
-    probe._prefill_next()
-    while probe._running:
-        probe._decode_step()
+    probe.step()
+    while probe.scheduler.running:
+        probe.step()
     elapsed = time.perf_counter() - started
     profiler.disable()
     out = io.StringIO()
@@ -134,8 +133,8 @@ def main() -> None:
             engine=EngineOptions(max_num_seqs=max(args.batch_sizes)),
         )
         engine = build_llm_engine(config, Path(tmp))
-        report["engine_device"] = str(engine.device)
-        report["engine_dtype"] = str(next(engine.model.parameters()).dtype)
+        report["engine_device"] = str(engine.runner.device)
+        report["engine_dtype"] = str(next(engine.runner.model.parameters()).dtype)
         asyncio.run(decode(engine, 1, 8))  # warm-up
         rows = []
         for size in args.batch_sizes:

@@ -44,18 +44,19 @@ async def greedy_ids(engine: LLMEngine, prompt: str, num_tokens: int) -> tuple[l
     )
     ids = list(encoded["input_ids"])
     captured: list[int] = []
-    original = engine._advance  # record the chosen ids, not just the text
+    processor = engine.processor
+    original = processor.append_token  # record the chosen ids, not just the text
 
-    def recording_advance(seq, token_id):  # type: ignore[no-untyped-def]
+    def recording_append(seq, token_id):  # type: ignore[no-untyped-def]
         captured.append(token_id)
         return original(seq, token_id)
 
-    engine._advance = recording_advance  # type: ignore[method-assign]
+    processor.append_token = recording_append  # type: ignore[method-assign]
     text = ""
     params = SamplingParams(temperature=0.0, max_tokens=num_tokens)
     async for output in engine.generate(f"guard-{time.monotonic_ns()}", ids, params):
         text += output.text
-    engine._advance = original  # type: ignore[method-assign]
+    processor.append_token = original  # type: ignore[method-assign]
     return captured, text
 
 

@@ -49,7 +49,9 @@ class PrefixCache:
         self.max_tokens = max_tokens
         self.num_tokens = 0  # tokens held by all entries
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
-        self._index: dict[int, tuple[int, int]] = {}  # block hash -> (entry id, its tokens)
+        # block hash -> {entry id: tokens up to that block's end}, every entry holding it, the
+        # newest last: dropping one entry leaves the block findable in the others.
+        self._index: dict[int, dict[int, int]] = {}
         self._next_id = 0
 
     def lookup(self, token_ids: list[int]) -> PrefixHit | None:
@@ -57,7 +59,7 @@ class PrefixCache:
         (the last prompt token's logits pick the first new token)."""
         hashes = block_hashes(token_ids[: len(token_ids) - 1])
         for block_hash in reversed(hashes):
-            found = self._index.get(block_hash)
+            found = self._newest_holder(block_hash)
             if found is None:
                 continue
             entry_id, num_tokens = found
@@ -78,7 +80,7 @@ class PrefixCache:
             return
         token_ids = list(token_ids[:num_tokens])
         hashes = block_hashes(token_ids)
-        same = self._index.get(hashes[-1])
+        same = self._newest_holder(hashes[-1])
         if same is not None and self._entries[same[0]].token_ids[:num_tokens] == token_ids:
             self._entries.move_to_end(same[0])  # already cached, alone or inside a longer entry
             return
@@ -90,22 +92,27 @@ class PrefixCache:
         self._entries[entry_id] = _Entry(token_ids, kept, hashes)
         self.num_tokens += num_tokens
         for block, block_hash in enumerate(hashes):
-            self._index[block_hash] = (entry_id, (block + 1) * BLOCK_TOKENS)
+            self._index.setdefault(block_hash, {})[entry_id] = (block + 1) * BLOCK_TOKENS
 
     def _drop_entries_covered_by(self, token_ids: list[int], hashes: list[int]) -> None:
         """A finished answer extends its own prompt's entry: the shorter one is redundant."""
         for block_hash in hashes:
-            found = self._index.get(block_hash)
-            if found is None:
-                continue
-            entry_id, num_tokens = found
-            entry = self._entries[entry_id]
-            if len(entry.token_ids) == num_tokens and entry.token_ids == token_ids[:num_tokens]:
-                self._drop(entry_id)
+            holders = self._index.get(block_hash, {})
+            for entry_id, num_tokens in list(holders.items()):
+                entry = self._entries[entry_id]
+                if len(entry.token_ids) == num_tokens and entry.token_ids == token_ids[:num_tokens]:
+                    self._drop(entry_id)
+
+    def _newest_holder(self, block_hash: int) -> tuple[int, int] | None:
+        """(entry id, tokens up to the block's end) of the newest entry holding the block."""
+        holders = self._index.get(block_hash)
+        return next(reversed(holders.items())) if holders else None
 
     def _drop(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)
         self.num_tokens -= len(entry.token_ids)
         for block_hash in entry.hashes:
-            if self._index.get(block_hash, (None, 0))[0] == entry_id:
+            holders = self._index[block_hash]
+            del holders[entry_id]
+            if not holders:
                 del self._index[block_hash]

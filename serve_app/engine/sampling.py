@@ -30,8 +30,10 @@ class SamplerState:
         if not params.is_greedy:
             self.warpers = _build_warpers(params)
             self.generator = torch.Generator(device=device)
-            seed = params.seed if params.seed is not None else torch.seed()
-            self.generator.manual_seed(seed)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:  # its own nondeterministic seed; torch.seed() would reseed the global RNGs
+                self.generator.seed()
         # Allocated on the first token, in the inference thread: requests are created on the
         # event loop, and a parallel torch op there would start a second OpenMP team
         # (serve_app/loading.py, in_own_thread, says what that costs).

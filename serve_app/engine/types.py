@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class FinishReason(StrEnum):
+    """Why a request ended. A StrEnum: it compares equal to (and serializes as) its value."""
+
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens or the context
+    ABORT = "abort"  # the client went away or abort() was called
+    ERROR = "error"  # the engine failed; RequestOutput.error says why
+
+    @property
+    def is_success(self) -> bool:
+        return self in (FinishReason.STOP, FinishReason.LENGTH)
 
 
 @dataclass(slots=True)
@@ -36,7 +50,7 @@ class RequestOutput:
     text: str
     num_prompt_tokens: int
     num_generated_tokens: int
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: FinishReason | None = None
     error: str | None = None
     queue_time_s: float = 0.0  # submit -> start of prefill
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ async def test_abort_frees_the_slot_before_the_next_step(engine: LLMEngine) -> N
             break
         await asyncio.sleep(0.02)
     assert stats.num_running == 0 and stats.num_aborted == 1
-    assert engine._batch.num_rows == 0 and engine._batch.cache is None
+    assert engine.runner.batch.num_rows == 0 and engine.runner.batch.cache is None
 
 
 async def test_explicit_abort_of_waiting_and_running_requests(
@@ -191,12 +192,11 @@ def test_requests_prefilled_together_match_transformers_generate(
             prompt, prompt_ids(engine, prompt), SamplingParams(temperature=0.0, max_tokens=16), sink
         )
     torch.set_grad_enabled(False)
-    batch_engine._drain_inbox(block=False)
-    batch_engine._prefill_next()
-    assert len(batch_engine._running) == len(PROMPTS)  # one prefill admitted all of them
+    batch_engine.step()  # an iteration prefills one group (or one chunk), then decodes
+    assert [seq.request_id for seq in batch_engine.scheduler.running] == PROMPTS
     assert len({len(prompt_ids(engine, p)) for p in PROMPTS}) > 1  # so rows were left-padded
-    while batch_engine._running:
-        batch_engine._decode_step()
+    while batch_engine.scheduler.running:
+        batch_engine.step()
     for prompt in PROMPTS:
         assert texts[prompt] == hf_greedy(tiny_model_dir, engine, prompt, 16)
 
@@ -232,10 +232,7 @@ def manual_engine(tiny_model_dir: Path, engine: LLMEngine, max_prefill_tokens: i
 
 def iterate(engine: LLMEngine) -> None:
     """One pass of the inference loop: commands, this iteration's prefill, one decode step."""
-    engine._drain_inbox(block=False)
-    engine._prefill_next()
-    if engine._running:
-        engine._decode_step()
+    engine.step()
 
 
 def test_long_prompt_prefilled_in_chunks_matches_transformers_generate(
@@ -265,19 +262,20 @@ def test_running_streams_keep_decoding_while_a_long_prompt_prefills(
     iterate(chunked)
     long_ids = prompt_ids(engine, LONG_PROMPT)
     chunked.submit("long", long_ids, SamplingParams(temperature=0.0, max_tokens=4), lambda _: None)
-    short_seq = chunked._running[0]
+    short_seq = chunked.scheduler.running[0]
     tokens_before = short_seq.num_generated
     iterate(chunked)
-    assert chunked._chunked is not None and chunked._chunked.num_done == 16
+    long_seq = chunked.scheduler.chunked
+    assert long_seq is not None and long_seq.num_computed == 16
     assert chunked.stats().running_ids == ["short", "long"]  # the long one holds its slot
     num_chunks = 1
-    while chunked._chunked is not None:
+    while chunked.scheduler.chunked is not None:
         iterate(chunked)
         num_chunks += 1
     assert num_chunks == -(-len(long_ids) // 16)
     # The short stream got one token per iteration while the long prompt was prefilled.
     assert short_seq.num_generated == tokens_before + num_chunks
-    assert [seq.request_id for seq in chunked._running] == ["short", "long"]
+    assert [seq.request_id for seq in chunked.scheduler.running] == ["short", "long"]
 
 
 def test_abort_during_chunked_prefill_frees_its_slot(
@@ -288,11 +286,11 @@ def test_abort_during_chunked_prefill_frees_its_slot(
     ids = prompt_ids(engine, LONG_PROMPT)
     chunked.submit("long", ids, SamplingParams(temperature=0.0, max_tokens=4), outputs.append)
     iterate(chunked)
-    assert chunked._chunked is not None
+    assert chunked.scheduler.chunked is not None
     chunked.abort("long")
     iterate(chunked)
     assert [o.finish_reason for o in outputs] == ["abort"]
-    assert chunked._chunked is None and not chunked.is_busy
+    assert chunked.scheduler.chunked is None and not chunked.is_busy
     assert chunked.stats().num_running == 0 and chunked.stats().num_aborted == 1
 
 
@@ -310,8 +308,8 @@ def test_eos_ends_a_stream_unless_ignore_eos(
 ) -> None:
     manual = manual_engine(tiny_model_dir, engine, max_prefill_tokens=256)
     ids = prompt_ids(engine, "The capital of France is")
-    first_token = int(manual.model(torch.tensor([ids])).logits[0, -1].argmax())
-    manual.eos_token_ids = {first_token}  # so greedy decoding meets EOS at once
+    first_token = int(manual.runner.model(torch.tensor([ids])).logits[0, -1].argmax())
+    manual.processor.eos_token_ids = {first_token}  # so greedy decoding meets EOS at once
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=ignore_eos)
     last = run_to_end(manual, ids, params)
     expected = ("length", 6) if ignore_eos else ("stop", 1)
@@ -373,10 +371,34 @@ async def test_int8_quantized_model_is_not_packed_and_generates(
 
     quantized = build_llm_engine(tiny_model_config(tiny_model_dir, quantization="int8"), tmp_path)
     try:
-        modules = list(quantized.model.modules())
+        modules = list(quantized.runner.model.modules())
         assert not any(isinstance(m, PackedLinear) for m in modules)
         assert any("quantized" in type(m).__module__ for m in modules)
         outputs = await collect(quantized, "q", PROMPTS[0], temperature=0.0, max_tokens=5)
         assert outputs[-1].finish_reason in ("length", "stop")
     finally:
         quantized.shutdown()
+
+
+async def test_a_hung_group_prefill_from_an_idle_engine_reads_as_stuck(engine: LLMEngine) -> None:
+    """The request is out of the queue and not yet a batch row: it still counts as busy."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    real_prefill = engine.runner.prefill
+
+    def hanging_prefill(group: list[Any]) -> list[int]:
+        entered.set()
+        release.wait(timeout=30)
+        return real_prefill(group)
+
+    engine.runner.prefill = hanging_prefill  # type: ignore[method-assign]
+    task = asyncio.create_task(collect(engine, "hung", "The", temperature=0.0, max_tokens=3))
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)
+        await asyncio.sleep(0.2)
+        assert engine.is_busy and engine.is_stuck(max_step_seconds=0.1)
+    finally:
+        release.set()
+    outputs = await asyncio.wait_for(task, timeout=30)
+    assert outputs[-1].finish_reason in ("stop", "length") and not engine.is_stuck(0.1)

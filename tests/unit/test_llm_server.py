@@ -73,7 +73,8 @@ async def test_a_prefill_failing_before_any_token_ends_the_stream_with_its_error
     def failing_prefill(*_: object) -> None:
         raise RuntimeError("simulated prefill failure")
 
-    server.engine._prefill = failing_prefill  # the engine loop catches it and fails the request
+    # The engine loop catches the failure and fails the request.
+    server.engine.runner.prefill = failing_prefill  # type: ignore[method-assign]
     out = await asyncio.wait_for(events(server, call()), timeout=30)  # never left hanging
     assert isinstance(out[0], Admitted)
     last = out[-1]
@@ -94,7 +95,7 @@ async def test_dead_inference_thread_fails_in_flight_and_health(
     stream = server.generate(call(max_tokens=400))
     assert isinstance(await stream.__anext__(), Admitted)
     await stream.__anext__()
-    engine._decode_step = die  # the next step kills the thread (SystemExit escapes the loop)
+    engine._decode = die  # type: ignore[method-assign]  # SystemExit escapes the loop
     rest = [e async for e in stream]
     assert rest[-1].finish_reason == "error"  # an error, not silence
     for _ in range(100):
@@ -110,14 +111,14 @@ async def test_hung_step_fails_health(
 ) -> None:
     server = make_server(str(tiny_model_dir), tmp_path)
     engine = server.engine
-    real_step = engine._decode_step
+    real_step = engine._decode
 
     def slow_step() -> None:
         time.sleep(1.5)
         real_step()
 
     monkeypatch.setattr(llm_server_module, "_MAX_STEP_SECONDS", 0.5)
-    engine._decode_step = slow_step
+    engine._decode = slow_step  # type: ignore[method-assign]
     task = asyncio.ensure_future(events(server, call(max_tokens=3)))
     await asyncio.sleep(1.0)
     with pytest.raises(RuntimeError, match="stuck"):

@@ -52,6 +52,20 @@ def test_an_answer_replaces_its_prompt_entry_and_old_entries_are_evicted() -> No
     assert cache.num_tokens == 32
 
 
+def test_evicting_a_newer_entry_keeps_the_blocks_an_older_entry_holds() -> None:
+    cache = PrefixCache(max_tokens=96)
+    shared = list(range(16))
+    older, newer = [*shared, *range(100, 116)], [*shared, *range(200, 216)]
+    cache.store(older, kv(32, 1.0))
+    cache.store(newer, kv(32, 2.0))  # indexes the shared block too
+    assert cache.lookup([*older, 7]) is not None  # the older entry is now the recently used
+    cache.store(list(range(300, 348)), kv(48, 3.0))  # over budget: the newer entry goes
+    hit = cache.lookup([*shared, 999])
+    assert hit is not None and hit.num_tokens == 16 and float(hit.layers[0][0].max()) == 1.0
+    partial = cache.lookup([*newer, 7])  # its own last block is gone with it
+    assert partial is not None and partial.num_tokens == 16
+
+
 # ---- the engine with a prefix cache -----------------------------------------------------
 
 
@@ -135,13 +149,12 @@ def test_one_prefill_mixing_cached_and_uncached_rows_matches_generate(
         "shares-two-blocks": long_ids[:40] + prompt_ids(engine, "héllo"),
     }
     texts, _ = submit_all(cached, {request_id: (ids, 10) for request_id, ids in prompts.items()})
-    cached._drain_inbox(block=False)
-    cached._prefill_next()
+    cached.step()
     # One forward for all three: each row's cached prefix, padding, then the rest of its prompt.
-    hits = {seq.request_id: seq.prefix.num_tokens if seq.prefix else 0 for seq in cached._running}
+    hits = {seq.request_id: seq.num_cached for seq in cached.scheduler.running}
     assert hits == {"extends": full_blocks(len(long_ids)), "fresh": 0, "shares-two-blocks": 32}
-    while cached._running:
-        cached._decode_step()
+    while cached.scheduler.running:
+        cached.step()
     for request_id, ids in prompts.items():
         assert texts[request_id] == greedy_text(tiny_model_dir, engine, ids, 10), request_id
 
@@ -189,4 +202,4 @@ def test_prefix_caching_is_off_for_sliding_window_models(
         eos_token_ids=set(),
         prefix_cache_tokens=1024,
     )
-    assert (built._prefix_cache is None) == (sliding_window is not None)
+    assert (built.runner.prefix_cache is None) == (sliding_window is not None)

@@ -42,3 +42,12 @@ def test_frequency_and_presence_penalties_lower_seen_tokens() -> None:
     penalised.record(0)
     assert sample_next_tokens(logits.clone(), [plain]) == [0]
     assert sample_next_tokens(logits.clone(), [penalised]) == [1]
+
+
+def test_an_unseeded_request_leaves_torch_global_rng_alone() -> None:
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    unseeded = state(temperature=1.0)  # draws a seed of its own
+    assert torch.equal(torch.rand(4), expected)
+    assert unseeded.generator is not None and unseeded.generator.initial_seed() != 1234

@@ -1,0 +1,204 @@
+"""The model, its KV cache and the forward passes: prefill, chunked prefill, decode, sampling.
+
+Rows of the running batch keep the scheduler's order (`BatchCache` row i is `running[i]`).
+With `prefix_cache_tokens`, a prompt that starts like a recent request's tokens
+(prefix_cache.py) is prefilled from those tokens' cached keys and values: only the rest is
+computed. This is the one place a faster runner (another kernel, another device) plugs in.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from serve_app.engine.batch import BatchCache, cache_kv, growing_cache, left_padded_rows
+from serve_app.engine.prefix_cache import BLOCK_TOKENS, LayerKV, PrefixCache
+from serve_app.engine.sampling import sample_next_tokens
+from serve_app.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _ChunkCache:
+    """The own cache of the one prompt being prefilled in chunks."""
+
+    request_id: str
+    cache: DynamicCache
+
+
+class ModelRunner:
+    def __init__(self, model: Any, *, prefix_cache_tokens: int = 0) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
+        if prefix_cache_tokens and _has_sliding_window(model):
+            # A cached prefix leaves padding between it and the rest of a prompt in a batch;
+            # sliding-window masks count columns, so that padding would narrow the window.
+            logger.warning("prefix caching is off: this model has sliding-window attention")
+            prefix_cache_tokens = 0
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.batch = BatchCache()
+        self._chunk: _ChunkCache | None = None
+
+    # ---- prefix cache ------------------------------------------------------------------
+
+    def lookup_prefix(self, seq: Sequence) -> None:
+        """Finds the cached start of seq's prompt (sets seq.num_cached and seq.prefix)."""
+        hit = self.prefix_cache.lookup(seq.prompt_ids) if self.prefix_cache else None
+        seq.prefix = hit
+        seq.num_cached = hit.num_tokens if hit else 0
+
+    def remember_answer(self, row: int, seq: Sequence) -> None:
+        """Caches prompt + answer of a finished row (a chat's next turn starts with them). The
+        last token was sampled but never fed, so the cache holds all but that one."""
+        if self.prefix_cache is None or self.batch.cache is None:
+            return
+        mask = self.batch.attention_mask
+        assert mask is not None  # a batch with a cache has a mask
+        layers = [(k[row : row + 1], v[row : row + 1]) for k, v in cache_kv(self.batch.cache)]
+        token_ids = seq.prompt_ids + seq.output_ids[:-1]
+        self._remember(token_ids, layers, mask[row].nonzero().squeeze(1))
+
+    def _remember(self, token_ids: list[int], layers: LayerKV, columns: torch.Tensor) -> None:
+        """Caches token_ids' keys/values, found at `columns` of `layers` (one row each)."""
+        if self.prefix_cache is None:
+            return
+        num_full = len(token_ids) // BLOCK_TOKENS * BLOCK_TOKENS
+        if num_full == 0:
+            return
+        columns = columns[:num_full]  # gathered once: the cache keeps these copies
+        kept = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in layers]
+        self.prefix_cache.store(token_ids[:num_full], kept)
+
+    def _remember_prompts(self, seqs: list[Sequence], cache: DynamicCache, mask: Any) -> None:
+        """Caches each row's prompt from a batch cache whose mask marks the real columns."""
+        if self.prefix_cache is None:
+            return
+        layers = cache_kv(cache)
+        for row, seq in enumerate(seqs):
+            if seq.num_prompt_tokens // BLOCK_TOKENS * BLOCK_TOKENS <= (seq.num_cached or 0):
+                continue  # nothing new: what it could add is what it was given
+            row_layers = [(k[row : row + 1], v[row : row + 1]) for k, v in layers]
+            self._remember(seq.prompt_ids, row_layers, mask[row].nonzero().squeeze(1))
+
+    # ---- forward passes ----------------------------------------------------------------
+
+    def prefill(self, group: list[Sequence]) -> list[int]:
+        """One left-padded forward for the group; its rows join the batch. Rows with a cached
+        prefix feed only the rest of their prompt after it: columns [cached prefixes,
+        left-padded][rests, left-padded]. Returns each row's first token."""
+        cached = [seq.num_cached or 0 for seq in group]
+        input_ids, rest_mask = self._left_padded(
+            [seq.prompt_ids[n:] for seq, n in zip(group, cached, strict=True)]
+        )
+        offsets = torch.tensor(cached, device=self.device).unsqueeze(1)
+        position_ids = (rest_mask.cumsum(dim=1) - 1).clamp(min=0) + offsets
+        cache, mask = DynamicCache(), rest_mask
+        if max(cached):
+            cache, prefix_mask = self._cached_prefixes(group, cached)
+            mask = torch.cat([prefix_mask, rest_mask], dim=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._remember_prompts(group, cache, mask)
+        return self._join_batch(group, cache, mask, out.logits[:, -1, :])
+
+    def prefill_chunk(self, seq: Sequence, start: int, end: int) -> int | None:
+        """Feeds prompt tokens [start, end) of a long prompt into its own cache; on the last
+        chunk the row joins the batch and its first token is returned."""
+        if self._chunk is None or self._chunk.request_id != seq.request_id:
+            self._chunk = _ChunkCache(seq.request_id, self._chunk_start_cache(seq))
+        cache = self._chunk.cache
+        out = self.model(
+            input_ids=torch.tensor([seq.prompt_ids[start:end]], device=self.device),
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(start, end, device=self.device).unsqueeze(0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logger.debug("prefill chunk %d-%d of %d tokens", start, end, seq.num_prompt_tokens)
+        if end < seq.num_prompt_tokens:
+            return None
+        self._chunk = None
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        self._remember_prompts([seq], cache, mask)
+        return self._join_batch([seq], cache, mask, out.logits[:, -1, :])[0]
+
+    def decode(self, rows: list[Sequence]) -> list[int]:
+        """One step for every running row (in batch order); returns each row's next token."""
+        input_ids = torch.tensor([[seq.last_token] for seq in rows], device=self.device)
+        positions = [seq.num_prompt_tokens + seq.num_generated - 1 for seq in rows]
+        position_ids = torch.tensor(positions, device=self.device).unsqueeze(1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self.batch.decode_mask(),
+            position_ids=position_ids,
+            past_key_values=self.batch.cache,
+            use_cache=True,
+        )
+        return sample_next_tokens(out.logits[:, -1, :], [seq.sampler for seq in rows])
+
+    # ---- batch rows --------------------------------------------------------------------
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Frees the KV memory of every batch row not listed."""
+        self.batch.keep_rows(rows)
+
+    def release(self, seq: Sequence) -> None:
+        """Drops the partial cache of an aborted request that was prefilling in chunks."""
+        if self._chunk is not None and self._chunk.request_id == seq.request_id:
+            self._chunk = None
+
+    def reset(self) -> None:
+        """Forgets the batch and any chunk (after a failed step)."""
+        self.batch, self._chunk = BatchCache(), None
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _join_batch(
+        self, group: list[Sequence], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor
+    ) -> list[int]:
+        for seq in group:  # prefilled: its views must not keep an evicted entry alive
+            seq.prefix = None
+        self.batch.append_rows(cache, mask)
+        return sample_next_tokens(logits, [seq.sampler for seq in group])
+
+    def _cached_prefixes(
+        self, group: list[Sequence], cached: list[int]
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        """A cache holding each row's cached prefix, left-padded to the longest, and its mask."""
+        width = max(cached)
+        prefixes = [seq.prefix.layers if seq.prefix else None for seq in group]
+        cache = growing_cache(left_padded_rows(prefixes, width))
+        mask = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
+        for row, num in enumerate(cached):
+            mask[row, width - num :] = 1
+        return cache, mask
+
+    def _chunk_start_cache(self, seq: Sequence) -> DynamicCache:
+        """A long prompt's own cache, starting after its cached prefix if it has one."""
+        return growing_cache(seq.prefix.layers) if seq.prefix else DynamicCache()
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), length), dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, length - len(prompt) :] = torch.tensor(prompt)
+            mask[row, length - len(prompt) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+
+def _has_sliding_window(model: Any) -> bool:
+    return getattr(model.config.get_text_config(), "sliding_window", None) is not None

@@ -1,0 +1,145 @@
+"""Which requests run in the next engine iteration: admission, the prefill budget, aborts.
+
+Each iteration prefills at most `max_prefill_tokens` prompt tokens, then every running row
+decodes one token. Short prompts that arrived together share one left-padded forward (padded
+size counts against the budget); a prompt longer than the budget is prefilled a chunk per
+iteration (chunked prefill), holding a batch slot meanwhile, so running streams keep decoding.
+No torch here: the engine looks prefixes up and runs the forwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from serve_app.engine.sequence import Sequence, SequenceStatus
+
+PrefixLookup = Callable[[Sequence], None]  # sets seq.num_cached (and its cached keys/values)
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Prompt tokens [start, end) of a long prompt, fed in this iteration."""
+
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.seq.num_prompt_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """This iteration's prefill work: a group sharing one forward, or one chunk (or nothing)."""
+
+    group: list[Sequence] = field(default_factory=list)
+    chunk: Chunk | None = None
+
+
+class Scheduler:
+    def __init__(
+        self, *, max_num_seqs: int, max_prefill_tokens: int, lookup_prefix: PrefixLookup
+    ) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens  # prefill tokens per iteration (padded)
+        self._lookup_prefix = lookup_prefix
+        self.requests: dict[str, Sequence] = {}  # every request not yet freed, by id
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in batch row order
+        self.chunked: Sequence | None = None  # mid chunked prefill; holds a batch slot
+        self.num_prompt_tokens = 0  # of the requests admitted so far
+        self.num_cached_prompt_tokens = 0  # of those, found in the prefix cache
+
+    @property
+    def has_requests(self) -> bool:
+        return bool(self.requests)
+
+    def add(self, seq: Sequence) -> None:
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.get(request_id)
+        if seq is not None and not seq.is_finished:
+            seq.status = SequenceStatus.ABORTED
+
+    def take_aborted(self) -> list[Sequence]:
+        """Aborted requests whose final output is still to be made; waiting and chunked ones
+        leave their places now, running ones keep their rows until `free_finished`."""
+        aborted = [
+            seq
+            for seq in self.requests.values()
+            if seq.status is SequenceStatus.ABORTED and not seq.is_finished
+        ]
+        if aborted:
+            self.waiting = deque(s for s in self.waiting if s.status is not SequenceStatus.ABORTED)
+            if self.chunked is not None and self.chunked.status is SequenceStatus.ABORTED:
+                self.chunked = None
+        return aborted
+
+    def schedule(self) -> SchedulerOutput:
+        """This iteration's prefill: the next chunk of a long prompt, or the waiting requests
+        that fit together in one left-padded forward of at most max_prefill_tokens."""
+        if self.chunked is not None:
+            return SchedulerOutput(chunk=self._next_chunk(self.chunked))
+        group: list[Sequence] = []
+        while self.waiting and len(self.running) + len(group) < self.max_num_seqs:
+            head = self.waiting[0]
+            self._lookup_once(head)
+            if head.num_to_compute > self.max_prefill_tokens:  # too long for one iteration
+                if group:
+                    break  # its chunks start next iteration
+                self.chunked = self._admit(self.waiting.popleft())
+                return SchedulerOutput(chunk=self._next_chunk(self.chunked))
+            longest = max(seq.num_to_compute for seq in [head, *group])
+            if group and longest * (len(group) + 1) > self.max_prefill_tokens:
+                break
+            group.append(self._admit(self.waiting.popleft()))
+        return SchedulerOutput(group=group)
+
+    def start_running(self, seqs: list[Sequence]) -> None:
+        """Prefilled sequences become the last rows of the batch, in this order."""
+        for seq in seqs:
+            seq.num_computed = seq.num_prompt_tokens
+            if not seq.is_finished and seq.status is SequenceStatus.PREFILLING:
+                seq.status = SequenceStatus.RUNNING
+        self.running.extend(seqs)
+
+    def free_finished(self) -> list[int]:
+        """Forgets finished rows; returns the batch rows that stay (to free the others' KV)."""
+        keep = [row for row, seq in enumerate(self.running) if not seq.is_finished]
+        if len(keep) < len(self.running):
+            self.running = [self.running[row] for row in keep]
+        for request_id in [i for i, seq in self.requests.items() if seq.is_finished]:
+            del self.requests[request_id]
+        return keep
+
+    def clear(self) -> list[Sequence]:
+        """Drops every request (after a failed step); returns those not finished yet."""
+        unfinished = [seq for seq in self.requests.values() if not seq.is_finished]
+        self.requests, self.waiting, self.running, self.chunked = {}, deque(), [], None
+        return unfinished
+
+    def _lookup_once(self, seq: Sequence) -> None:
+        if seq.num_cached is None:  # looked up when it first heads the queue
+            self._lookup_prefix(seq)
+            seq.num_computed = seq.num_cached or 0
+
+    def _admit(self, seq: Sequence) -> Sequence:
+        seq.status = SequenceStatus.PREFILLING
+        seq.queue_time_s = time.monotonic() - seq.submitted_at
+        self.num_prompt_tokens += seq.num_prompt_tokens
+        self.num_cached_prompt_tokens += seq.num_cached or 0
+        return seq
+
+    def _next_chunk(self, seq: Sequence) -> Chunk:
+        start = seq.num_computed
+        end = min(start + self.max_prefill_tokens, seq.num_prompt_tokens)
+        seq.num_computed = end
+        if end == seq.num_prompt_tokens:
+            self.chunked = None  # it joins the running batch after this chunk
+        return Chunk(seq, start, end)
