@@ -19,6 +19,7 @@ from serve_app.engine.types import EngineStats, RequestOutput
 _LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 _TOKEN_GAP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]
 MODEL = ("model",)
+SUCCESS_REASONS = frozenset({"stop", "length"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,12 @@ class RequestTimer:
         metrics.prompt_tokens.inc(output.num_prompt_tokens, tags)
         if output.num_generated_tokens > 0:  # Ray's Counter refuses 0 (a failed prefill)
             metrics.generation_tokens.inc(output.num_generated_tokens, tags)
-        metrics.request_success.inc(1, {**tags, "finished_reason": output.finish_reason or ""})
+        reason = str(output.finish_reason)
+        if reason in SUCCESS_REASONS:
+            metrics.request_success.inc(1, {**tags, "finished_reason": reason})
+        elif reason == "abort":  # aborted in the engine: the ingress gave up or the client left
+            metrics.request_cancelled.inc(1, tags)
+        # "error": the ingress counts it in request_errors with the status it answered
 
     def cancelled(self) -> None:
         serve_metrics().request_cancelled.inc(1, {"model": self.model})
