@@ -25,7 +25,7 @@ import torch
 from serve_app.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from serve_app.engine.model_runner import ModelRunner
 from serve_app.engine.output_processor import OutputProcessor
-from serve_app.engine.sampling import SamplerState
+from serve_app.engine.sampling import Sampled, SamplerState
 from serve_app.engine.scheduler import Scheduler, SchedulerOutput
 from serve_app.engine.sequence import OutputSink, Sequence
 from serve_app.engine.types import EngineStats, FinishReason, RequestOutput, SamplingParams
@@ -78,7 +78,7 @@ class LLMEngine:
             lookup_prefix=self.runner.lookup_prefix,
         )
         self.processor = OutputProcessor(
-            eos_token_ids=eos_token_ids, stream_interval=stream_interval
+            tokenizer, eos_token_ids=eos_token_ids, stream_interval=stream_interval
         )
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._num_steps = 0
@@ -176,29 +176,30 @@ class LLMEngine:
     def _prefill(self, plan: SchedulerOutput) -> None:
         if plan.group:
             logger.debug("prefill %d requests", len(plan.group))
-            first_ids = self.runner.prefill(plan.group)
-            self._joined(plan.group, first_ids)
+            first = self.runner.prefill(plan.group)
+            self._joined(plan.group, first)
         elif plan.chunk is not None:
             chunk = plan.chunk
-            first_id = self.runner.prefill_chunk(chunk.seq, chunk.start, chunk.end)
-            if first_id is not None:
-                self._joined([chunk.seq], [first_id])
+            first_of_chunk = self.runner.prefill_chunk(chunk.seq, chunk.start, chunk.end)
+            if first_of_chunk is not None:
+                self._joined([chunk.seq], first_of_chunk)
 
-    def _joined(self, seqs: list[Sequence], first_ids: list[int]) -> None:
+    def _joined(self, seqs: list[Sequence], first: Sampled) -> None:
         self.scheduler.start_running(seqs)
-        self._postprocess(seqs, first_ids)
+        self._postprocess(seqs, first)
 
     def _decode(self) -> None:
         rows = self.scheduler.running
-        next_ids = self.runner.decode(rows)
+        sampled = self.runner.decode(rows)
         self._num_steps += 1
-        self._postprocess(rows, next_ids)
+        self._postprocess(rows, sampled)
 
-    def _postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+    def _postprocess(self, seqs: list[Sequence], sampled: Sampled) -> None:
         """Streams each row's new text; sends final outputs once their rows are freed."""
         finals = []
-        for seq, token_id in zip(seqs, token_ids, strict=True):
-            output = self.processor.append_token(seq, token_id)
+        rows = zip(seqs, sampled.token_ids, sampled.logprobs, strict=True)
+        for seq, token_id, logprobs in rows:
+            output = self.processor.append_token(seq, token_id, logprobs)
             if seq.is_finished:
                 finals.append((seq, output))
             elif output is not None:

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from serve_app.engine.batch import BatchCache, cache_kv, growing_cache, left_padded_rows
 from serve_app.engine.prefix_cache import BLOCK_TOKENS, LayerKV, PrefixCache
-from serve_app.engine.sampling import sample_next_tokens
+from serve_app.engine.sampling import Sampled, sample
 from serve_app.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,25 @@ class ModelRunner:
 
     # ---- forward passes ----------------------------------------------------------------
 
-    def prefill(self, group: list[Sequence]) -> list[int]:
+    def prefill(self, group: list[Sequence]) -> Sampled:
         """One left-padded forward for the group; its rows join the batch. Rows with a cached
         prefix feed only the rest of their prompt after it: columns [cached prefixes,
-        left-padded][rests, left-padded]. Returns each row's first token."""
+        left-padded][rests, left-padded]. Identical prompts (n > 1 choices of one request)
+        are computed once and their row copied. Returns each row's first token."""
+        distinct, rows_of = _distinct_prompts(group)
+        cache, mask, logits = self._forward_prompts(distinct)
+        if len(distinct) < len(group):
+            index = torch.tensor(rows_of, device=self.device)
+            layers = [
+                (k.index_select(0, index), v.index_select(0, index)) for k, v in cache_kv(cache)
+            ]
+            cache, mask, logits = growing_cache(layers), mask[index], logits[index]
+        return self._join_batch(group, cache, mask, logits)
+
+    def _forward_prompts(
+        self, group: list[Sequence]
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """The group's prompts in one forward: their cache, its mask, the last logits."""
         cached = [seq.num_cached or 0 for seq in group]
         input_ids, rest_mask = self._left_padded(
             [seq.prompt_ids[n:] for seq, n in zip(group, cached, strict=True)]
@@ -111,9 +126,9 @@ class ModelRunner:
             logits_to_keep=1,
         )
         self._remember_prompts(group, cache, mask)
-        return self._join_batch(group, cache, mask, out.logits[:, -1, :])
+        return cache, mask, out.logits[:, -1, :]
 
-    def prefill_chunk(self, seq: Sequence, start: int, end: int) -> int | None:
+    def prefill_chunk(self, seq: Sequence, start: int, end: int) -> Sampled | None:
         """Feeds prompt tokens [start, end) of a long prompt into its own cache; on the last
         chunk the row joins the batch and its first token is returned."""
         if self._chunk is None or self._chunk.request_id != seq.request_id:
@@ -133,9 +148,9 @@ class ModelRunner:
         self._chunk = None
         mask = torch.ones((1, end), dtype=torch.long, device=self.device)
         self._remember_prompts([seq], cache, mask)
-        return self._join_batch([seq], cache, mask, out.logits[:, -1, :])[0]
+        return self._join_batch([seq], cache, mask, out.logits[:, -1, :])
 
-    def decode(self, rows: list[Sequence]) -> list[int]:
+    def decode(self, rows: list[Sequence]) -> Sampled:
         """One step for every running row (in batch order); returns each row's next token."""
         input_ids = torch.tensor([[seq.last_token] for seq in rows], device=self.device)
         positions = [seq.num_prompt_tokens + seq.num_generated - 1 for seq in rows]
@@ -147,7 +162,7 @@ class ModelRunner:
             past_key_values=self.batch.cache,
             use_cache=True,
         )
-        return sample_next_tokens(out.logits[:, -1, :], [seq.sampler for seq in rows])
+        return sample(out.logits[:, -1, :], [seq.sampler for seq in rows])
 
     # ---- batch rows --------------------------------------------------------------------
 
@@ -168,11 +183,11 @@ class ModelRunner:
 
     def _join_batch(
         self, group: list[Sequence], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor
-    ) -> list[int]:
+    ) -> Sampled:
         for seq in group:  # prefilled: its views must not keep an evicted entry alive
             seq.prefix = None
         self.batch.append_rows(cache, mask)
-        return sample_next_tokens(logits, [seq.sampler for seq in group])
+        return sample(logits, [seq.sampler for seq in group])
 
     def _cached_prefixes(
         self, group: list[Sequence], cached: list[int]
@@ -198,6 +213,20 @@ class ModelRunner:
             ids[row, length - len(prompt) :] = torch.tensor(prompt)
             mask[row, length - len(prompt) :] = 1
         return ids.to(self.device), mask.to(self.device)
+
+
+def _distinct_prompts(group: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+    """The group's distinct prompts (first of each), and each row's index among them."""
+    first_of: dict[tuple[int, ...], int] = {}
+    distinct: list[Sequence] = []
+    rows_of = []
+    for seq in group:
+        key = (seq.num_cached or 0, *seq.prompt_ids)
+        if key not in first_of:
+            first_of[key] = len(distinct)
+            distinct.append(seq)
+        rows_of.append(first_of[key])
+    return distinct, rows_of
 
 
 def _has_sliding_window(model: Any) -> bool:

@@ -1,8 +1,10 @@
-"""Next-token choice for a whole batch: penalties, greedy rows at once, sampled rows per seed."""
+"""Next-token choice for a whole batch: penalties, logit_bias, greedy rows at once, sampled
+rows per seed, and the logprobs of the distribution each token came from."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -48,15 +50,57 @@ class SamplerState:
         self.token_counts[token_id] += 1
 
 
+@dataclass(slots=True)
+class RowLogprobs:
+    """The chosen token's log-probability and the top alternatives, from the distribution the
+    token was drawn from (after penalties, logit_bias and the warpers of its row)."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(slots=True)
+class Sampled:
+    token_ids: list[int]
+    logprobs: list[RowLogprobs | None]  # per row; None where the row did not ask
+
+
 def sample_next_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
     """logits: [batch, vocab] for the last position of each row. Returns one id per row."""
+    return sample(logits, states).token_ids
+
+
+def sample(logits: torch.Tensor, states: Sequence[SamplerState]) -> Sampled:
+    """One token per row (logits [batch, vocab], last position), with logprobs where asked."""
     logits = logits.float()
     _apply_penalties(logits, states)
+    _apply_logit_bias(logits, states)
     next_ids = torch.argmax(logits, dim=-1)
+    scores: dict[int, torch.Tensor] = {}  # the distribution a sampled row was drawn from
     for row, state in enumerate(states):
         if state.generator is not None:
-            next_ids[row] = _sample_row(logits[row], state)
-    return [int(i) for i in next_ids.tolist()]
+            scores[row] = state.warpers(_NO_INPUT_IDS, logits[row].unsqueeze(0))[0]
+            probs = torch.softmax(scores[row], dim=-1)
+            next_ids[row] = torch.multinomial(probs, 1, generator=state.generator)[0]
+    token_ids = [int(i) for i in next_ids.tolist()]
+    logprobs = [
+        _row_logprobs(scores.get(row, logits[row]), token_ids[row], state.params.logprobs)
+        if state.params.logprobs is not None
+        else None
+        for row, state in enumerate(states)
+    ]
+    return Sampled(token_ids, logprobs)
+
+
+def _row_logprobs(scores: torch.Tensor, token_id: int, num_top: int) -> RowLogprobs:
+    logprobs = torch.log_softmax(scores, dim=-1)
+    top = torch.topk(logprobs, num_top) if num_top > 0 else None
+    return RowLogprobs(
+        logprob=float(logprobs[token_id]),
+        top_ids=[int(i) for i in top.indices.tolist()] if top is not None else [],
+        top_logprobs=[float(v) for v in top.values.tolist()] if top is not None else [],
+    )
 
 
 def _apply_penalties(logits: torch.Tensor, states: Sequence[SamplerState]) -> None:
@@ -71,10 +115,11 @@ def _apply_penalties(logits: torch.Tensor, states: Sequence[SamplerState]) -> No
         )
 
 
-def _sample_row(row_logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
-    scores = state.warpers(_NO_INPUT_IDS, row_logits.unsqueeze(0))  # warpers ignore input_ids
-    probs = torch.softmax(scores, dim=-1)[0]
-    return torch.multinomial(probs, 1, generator=state.generator)[0]
+def _apply_logit_bias(logits: torch.Tensor, states: Sequence[SamplerState]) -> None:
+    for row, state in enumerate(states):
+        for token_id, bias in state.params.logit_bias:
+            if 0 <= token_id < logits.shape[1]:
+                logits[row, token_id] += bias
 
 
 def _build_warpers(params: SamplingParams) -> LogitsProcessorList:

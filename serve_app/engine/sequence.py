@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serve_app.engine.types import FinishReason, RequestOutput
+from serve_app.engine.types import FinishReason, RequestOutput, TokenLogprob
 
 if TYPE_CHECKING:  # torch types, named in annotations only
     from serve_app.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -47,6 +47,7 @@ class Sequence:
     num_generated: int = 0
     num_streamed: int = 0  # num_generated when text was last sent
     unsent_text: str = ""  # held for the next chunk (stream_interval > 1)
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the held tokens
     last_token: int = -1
     output_ids: list[int] = field(default_factory=list)
     num_cached: int | None = None  # prompt tokens found in the prefix cache; None: not looked up

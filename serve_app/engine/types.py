@@ -32,6 +32,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False  # run to max_tokens (fixed-length benchmarks, deadline tests)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob and the top k
 
     @property
     def is_greedy(self) -> bool:
@@ -40,6 +42,16 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One generated token with its log-probability and the most likely alternatives."""
+
+    token_id: int
+    token: str  # the token's own text
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob)
 
 
 @dataclass(slots=True)
@@ -53,6 +65,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     queue_time_s: float = 0.0  # submit -> start of prefill
+    logprobs: list[TokenLogprob] | None = None  # the tokens behind `text`, when asked for
 
     @property
     def is_finished(self) -> bool:

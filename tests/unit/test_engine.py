@@ -402,3 +402,45 @@ async def test_a_hung_group_prefill_from_an_idle_engine_reads_as_stuck(engine: L
         release.set()
     outputs = await asyncio.wait_for(task, timeout=30)
     assert outputs[-1].finish_reason in ("stop", "length") and not engine.is_stuck(0.1)
+
+
+def test_identical_prompts_in_one_group_are_computed_once(
+    tiny_model_dir: Path, engine: LLMEngine
+) -> None:
+    """n > 1 choices of one request: one prefill row, copied; each copy decodes on its own."""
+    manual = manual_engine(tiny_model_dir, engine, max_prefill_tokens=256)
+    prefill_rows: list[int] = []
+    real_forward = manual.runner.model.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["input_ids"].shape[1] > 1:  # a prefill, not a decode step
+            prefill_rows.append(int(kwargs["input_ids"].shape[0]))
+        return real_forward(*args, **kwargs)
+
+    manual.runner.model.forward = spy  # type: ignore[method-assign]
+    ids = prompt_ids(engine, PROMPTS[0])
+    texts = {"a": "", "b": "", "other": ""}
+    for request_id in texts:
+        prompt = prompt_ids(engine, PROMPTS[1]) if request_id == "other" else ids
+
+        def sink(output: RequestOutput, request_id: str = request_id) -> None:
+            texts[request_id] += output.text
+
+        manual.submit(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=10), sink)
+    manual.step()
+    while manual.scheduler.running:
+        manual.step()
+    assert prefill_rows == [2]  # two distinct prompts for three requests
+    assert texts["a"] == texts["b"] == hf_greedy(tiny_model_dir, engine, PROMPTS[0], 10)
+    assert texts["other"] == hf_greedy(tiny_model_dir, engine, PROMPTS[1], 10)
+
+
+async def test_logprobs_arrive_with_the_text_one_per_token(engine: LLMEngine) -> None:
+    outputs = await collect(engine, "lp", PROMPTS[0], temperature=0.0, max_tokens=8, logprobs=2)
+    entries = [entry for o in outputs for entry in (o.logprobs or [])]
+    assert len(entries) == outputs[-1].num_generated_tokens
+    assert all(e.logprob <= 0 and len(e.top) == 2 for e in entries)
+    assert all(e.token_id == e.top[0][0] for e in entries)  # greedy: the most likely token
+    assert "".join(e.token for e in entries).startswith(joined(outputs)[:3])
+    plain = await collect(engine, "plain", PROMPTS[0], temperature=0.0, max_tokens=8)
+    assert all(o.logprobs is None for o in plain) and joined(plain) == joined(outputs)

@@ -51,3 +51,34 @@ def test_an_unseeded_request_leaves_torch_global_rng_alone() -> None:
     unseeded = state(temperature=1.0)  # draws a seed of its own
     assert torch.equal(torch.rand(4), expected)
     assert unseeded.generator is not None and unseeded.generator.initial_seed() != 1234
+
+
+def test_logit_bias_bans_and_forces_tokens() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0, 0, 0, 0, 0]])
+    assert sample_next_tokens(
+        logits.clone(), [state(temperature=0.0, logit_bias=((1, -100),))]
+    ) == [2]
+    assert sample_next_tokens(logits.clone(), [state(temperature=0.0, logit_bias=((6, 100),))]) == [
+        6
+    ]
+
+
+def test_logprobs_come_from_the_distribution_the_token_was_drawn_from() -> None:
+    from serve_app.engine.sampling import sample
+
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0, 0, 0, 0, 0], [1.0, 2.0, 3.0, 4.0, 0, 0, 0, 0]])
+    rows = [state(temperature=0.0, logprobs=3), state(temperature=0.0)]
+    sampled = sample(logits.clone(), rows)
+    first, second = sampled.logprobs
+    assert second is None and first is not None
+    assert sampled.token_ids[0] == first.top_ids[0] == 1
+    expected = torch.log_softmax(logits[0], dim=-1)
+    assert abs(first.logprob - float(expected[1])) < 1e-6
+    assert first.top_logprobs == sorted(first.top_logprobs, reverse=True)
+    assert all(v <= 0 for v in first.top_logprobs) and len(first.top_ids) == 3
+    # A sampled row's logprobs are those of its warped scores (temperature 0.5 sharpens).
+    warm = sample(logits[:1].clone(), [state(temperature=0.5, seed=1, logprobs=0)])
+    [warm_logprobs] = warm.logprobs
+    sharpened = torch.log_softmax(logits[0] / 0.5, dim=-1)
+    assert warm_logprobs is not None and warm_logprobs.top_ids == []
+    assert abs(warm_logprobs.logprob - float(sharpened[warm.token_ids[0]])) < 1e-5
