@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import dataclasses
 import logging
 import queue
 import threading
@@ -142,7 +143,7 @@ class LLMEngine:
         is_finished = False
         try:
             while not is_finished:
-                output = await outputs.get()
+                output = _merged(await outputs.get(), outputs)
                 is_finished = output.is_finished
                 yield output
         finally:
@@ -267,3 +268,14 @@ class LLMEngine:
         self.runner.reset()
         for seq in unfinished:
             seq.sink(self.processor.finish(seq, FinishReason.ERROR, error=message))
+
+
+def _merged(output: RequestOutput, ready: asyncio.Queue[RequestOutput]) -> RequestOutput:
+    """This output plus every one already queued behind it, as one: a consumer that fell behind
+    (a busy event loop, a slow client) gets one item per wake-up instead of one per token, so
+    fewer items cross Ray; one that keeps up still gets each token as it comes."""
+    while not output.is_finished and not ready.empty():
+        later = ready.get_nowait()
+        logprobs = [*(output.logprobs or []), *(later.logprobs or [])] or None
+        output = dataclasses.replace(later, text=output.text + later.text, logprobs=logprobs)
+    return output

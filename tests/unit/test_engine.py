@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -444,3 +445,15 @@ async def test_logprobs_arrive_with_the_text_one_per_token(engine: LLMEngine) ->
     assert "".join(e.token for e in entries).startswith(joined(outputs)[:3])
     plain = await collect(engine, "plain", PROMPTS[0], temperature=0.0, max_tokens=8)
     assert all(o.logprobs is None for o in plain) and joined(plain) == joined(outputs)
+
+
+async def test_a_consumer_that_falls_behind_gets_the_ready_text_merged(engine: LLMEngine) -> None:
+    every = await collect(engine, "every", PROMPTS[0], temperature=0.0, max_tokens=24)
+    merged: list[RequestOutput] = []
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    async for output in engine.generate("slow", prompt_ids(engine, PROMPTS[0]), params):
+        merged.append(output)
+        await asyncio.to_thread(time.sleep, 0.05)  # the engine runs ahead meanwhile
+    assert joined(merged) == joined(every) and len(merged) < len(every)
+    assert merged[-1].finish_reason == every[-1].finish_reason
+    assert merged[-1].num_generated_tokens == every[-1].num_generated_tokens
