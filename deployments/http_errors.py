@@ -14,7 +14,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.metrics import record_error
 from serve_app.errors import APIError, RateLimitError, ServiceUnavailableError, error_body
-from serve_app.openai_adapter import Rejected
 from serve_app.protocol import ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -29,13 +28,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
     app.openapi = functools.partial(_openapi_with_errors, app)  # type: ignore[method-assign]
-
-
-def rejected_to_error(rejected: Rejected) -> APIError:
-    error = APIError(rejected.message, param=rejected.param, code=rejected.code)
-    error.status_code = rejected.status_code
-    error.error_type = rejected.error_type
-    return error
 
 
 def upstream_error(model_id: str, exc: BaseException) -> APIError:

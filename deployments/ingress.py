@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.auth import check_bearer, load_api_keys
 from deployments.body_limit import BodySizeLimit
-from deployments.http_errors import install_error_handlers, rejected_to_error, upstream_error
+from deployments.http_errors import install_error_handlers, upstream_error
 from deployments.metrics import record_error
 from deployments.static import static_file
 from serve_app.config import IngressAppConfig, ModelRoute
@@ -290,7 +290,7 @@ class Ingress:
         except Exception as exc:
             raise upstream_error(model.id, exc) from exc
         if isinstance(result, Rejected):
-            raise rejected_to_error(result)
+            raise result.to_error()
         vectors, num_tokens = result
         data = [
             {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
@@ -345,7 +345,7 @@ class Ingress:
             _cancel(stream)
             raise
         if isinstance(first, Rejected):
-            raise rejected_to_error(first)
+            raise first.to_error()
         assert isinstance(first, Admitted) and stream is not None
         ids = ResponseIds(call.request_id, model.id, call.endpoint)
         headers = {"X-Request-Id": call.request_id}

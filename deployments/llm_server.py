@@ -43,9 +43,11 @@ class LLMServer(ModelReplica["LLMEngine"]):
     ) -> AsyncIterator[Admitted | Rejected | RequestOutput]:
         try:
             engine = self._ready_engine()
-            prompt_ids = prompt_token_ids(call, engine.tokenizer, engine.max_model_len)
+            prompt_ids = await self._off_loop(
+                prompt_token_ids, call, engine.tokenizer, engine.max_model_len
+            )
         except APIError as exc:
-            yield Rejected(exc.status_code, exc.message, exc.error_type, exc.param, exc.code)
+            yield Rejected.from_error(exc)
             return
         params = call.sampling
         if params.max_tokens is None and self.config.engine.default_max_tokens:

@@ -1,11 +1,14 @@
 """What the LLM and embedding deployments share: loading that survives missing weights,
-`info` for /v1/models and /health, and the 503 while the model is not loaded."""
+`info` for /v1/models and /health, the 503 while the model is not loaded, and the thread that
+tokenizes off the replica's event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -21,12 +24,14 @@ if TYPE_CHECKING:  # torch stays out of the processes that only build the Serve 
 logger = logging.getLogger(__name__)
 
 EngineT = TypeVar("EngineT", "LLMEngine", "EmbeddingEngine")
+T = TypeVar("T")
 
 
 class ModelReplica(Generic[EngineT]):
     config: ModelConfig
     engine: EngineT | None
     load_error: str | None
+    _worker: ThreadPoolExecutor
 
     def _load(
         self,
@@ -36,6 +41,11 @@ class ModelReplica(Generic[EngineT]):
     ) -> None:
         self.config = ModelConfig.model_validate(model_config)
         self.engine, self.load_error = None, None
+        # One thread, so the tokenizer is never used by two calls at once (a fast tokenizer
+        # that changes its padding or truncation while another call encodes raises "Already
+        # borrowed"), and the event loop that every stream of this replica runs on never waits
+        # for a long prompt (bodies up to 4 MiB).
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         try:
             self.engine = build(self.config, Path(cache_dir), replica_has_gpu())
         except ModelSourceError as exc:
@@ -51,6 +61,10 @@ class ModelReplica(Generic[EngineT]):
             "error": self.load_error,
             "pid": os.getpid(),
         }
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the replica's worker thread; the event loop serves other calls."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def _ready_engine(self) -> EngineT:
         if self.engine is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from serve_app.engine.types import SamplingParams
-from serve_app.errors import ContextLengthExceededError, InvalidRequestError
+from serve_app.errors import APIError, ContextLengthExceededError, InvalidRequestError
 from serve_app.protocol import ChatCompletionRequest, CompletionRequest
 
 Endpoint = Literal["chat", "completions"]
@@ -38,13 +38,32 @@ class Admitted:
 
 @dataclass(slots=True)
 class Rejected:
-    """First (and only) event when the replica refuses the call; an APIError's fields."""
+    """First (and only) event when the replica refuses the call: an APIError, as plain fields
+    that cross the handle (the ingress raises `to_error()` to answer it)."""
 
     status_code: int
     message: str
     error_type: str
-    param: str | None
-    code: str | None
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_error(cls, error: APIError) -> Rejected:
+        return cls(
+            error.status_code,
+            error.message,
+            error.error_type,
+            error.param,
+            error.code,
+            dict(error.headers),
+        )
+
+    def to_error(self) -> APIError:
+        error = APIError(self.message, param=self.param, code=self.code, headers=self.headers)
+        error.status_code = self.status_code
+        error.error_type = self.error_type
+        return error
 
 
 def new_request_id() -> str:
@@ -82,16 +101,45 @@ def _template_role(role: str) -> str:
 # ---- replica side ------------------------------------------------------------------------
 
 
+_MAX_TOKENIZER_MESSAGE = 500  # characters of a template's or tokenizer's own message shown
+
+
 def prompt_token_ids(call: GenerateCall, tokenizer: Any, max_model_len: int) -> list[int]:
-    """Applies the chat template or tokenizes the prompt, then checks the context length."""
-    if call.endpoint == "chat":
-        ids = _chat_ids(call, tokenizer)
-    elif isinstance(call.prompt, list):
-        ids = _checked_token_ids(call.prompt, tokenizer)
-    else:
-        ids = list(tokenizer(call.prompt)["input_ids"])
+    """Applies the chat template or tokenizes the prompt, then checks the context length.
+
+    Raises InvalidRequestError (400, naming `messages` or `prompt`) for input the template or
+    tokenizer refuses, e.g. a template's `raise_exception("roles must alternate")`. CPU-bound
+    for long prompts: the replica calls it off its event loop.
+    """
+    try:
+        ids = _encode(call, tokenizer)
+    except APIError:
+        raise
+    except Exception as exc:  # jinja2's TemplateError, the tokenizer's ValueError, ...
+        raise _refused_input(call, exc) from exc
     _check_context(len(ids), call, max_model_len)
     return ids
+
+
+def _encode(call: GenerateCall, tokenizer: Any) -> list[int]:
+    if call.endpoint == "chat":
+        return _chat_ids(call, tokenizer)
+    if isinstance(call.prompt, list):
+        return _checked_token_ids(call.prompt, tokenizer)
+    return list(tokenizer(call.prompt)["input_ids"])
+
+
+def _refused_input(call: GenerateCall, exc: Exception) -> InvalidRequestError:
+    param = _prompt_param(call)
+    what = "the chat template" if call.endpoint == "chat" else "the tokenizer"
+    detail = str(exc)[:_MAX_TOKENIZER_MESSAGE] or type(exc).__name__
+    return InvalidRequestError(
+        f"This model's {what} refused the {param}: {detail}", param=param, code="invalid_value"
+    )
+
+
+def _prompt_param(call: GenerateCall) -> str:
+    return "messages" if call.endpoint == "chat" else "prompt"
 
 
 def _chat_ids(call: GenerateCall, tokenizer: Any) -> list[int]:
@@ -117,7 +165,7 @@ def _checked_token_ids(ids: list[int], tokenizer: Any) -> list[int]:
 
 
 def _check_context(num_prompt_tokens: int, call: GenerateCall, max_model_len: int) -> None:
-    param = "messages" if call.endpoint == "chat" else "prompt"
+    param = _prompt_param(call)
     max_tokens = call.sampling.max_tokens or 1
     if num_prompt_tokens + max_tokens > max_model_len:
         raise ContextLengthExceededError(
