@@ -1,11 +1,15 @@
 """Model sources -> local weights: package files, local paths, Hugging Face repos; GGUF cache.
 
 A GGUF file is dequantized once (slow, tens of seconds) and saved as safetensors in a cache
-folder keyed by the file's sha256, so every later start loads it in about a second.
+folder keyed by the file's sha256, so every later start loads it in about a second. Replicas
+that start together convert it once: one holds a file lock while it converts, the others wait
+and reuse its folder, which is published whole (written aside, then renamed into place).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -15,6 +19,7 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +76,31 @@ def prepare_weights(model: ModelConfig, cache_dir: Path) -> Path:
         return weights.directory
     gguf_path = weights.directory / weights.gguf_file
     target = cache_dir / "converted" / f"{model.id}-{_sha256(gguf_path)[:16]}"
-    if (target / _COMPLETE_MARKER).exists():
+    if _is_complete(target):
         return target
-    logger.info("converting %s to safetensors in %s (once)", gguf_path, target)
-    _convert_gguf(weights, target, model.kind)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.with_name(target.name + ".lock")):
+        if _is_complete(target):  # another replica converted it while this one waited
+            return target
+        logger.info("converting %s to safetensors in %s (once)", gguf_path, target)
+        _convert_gguf(weights, target, model.kind)
     return target
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / _COMPLETE_MARKER).exists()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Holds an exclusive flock on lock_path (other processes and threads wait for it); the
+    kernel releases it if this process dies, so a crashed conversion never blocks the next."""
+    with lock_path.open("a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _as_weights(path: Path) -> LocalWeights:
@@ -141,14 +166,22 @@ def _convert_gguf(weights: LocalWeights, target: Path, kind: str) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / _COMPLETE_MARKER).write_text(json.dumps({"gguf_file": gguf_file}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)  # atomic: a crash never leaves a half-written cache entry
+        _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Renames the finished staging folder to target; a complete target is never removed."""
+    if _is_complete(target):
+        return
+    if target.exists():  # incomplete, e.g. copied by hand: moved aside, then removed
+        aside = Path(tempfile.mkdtemp(prefix=target.name + ".stale.", dir=target.parent))
+        os.rename(target, aside / target.name)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.rename(staging, target)  # atomic: readers see no folder or a whole one
