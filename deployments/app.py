@@ -4,7 +4,7 @@ One Serve application per model (`build_model_app`: application name = deploymen
 id, with its own resources, queue limits and autoscaling), plus the ingress application
 (`build_ingress_app`), which reaches each model by name. Serve re-hashes an application's code
 version from its args, so a change to one model's args restarts only that model's replicas
-(docs/operations.md). `build_app` still serves everything as one application.
+(docs/operations.md).
 """
 
 from __future__ import annotations
@@ -16,13 +16,7 @@ from ray.serve import Application, Deployment
 from deployments.embedding_server import EmbeddingServer
 from deployments.ingress import IngressDeployment
 from deployments.llm_server import LLMServer
-from serve_app.config import (
-    AppConfig,
-    DeploymentOptions,
-    IngressAppConfig,
-    ModelAppConfig,
-    ModelConfig,
-)
+from serve_app.config import DeploymentOptions, IngressAppConfig, ModelAppConfig, ModelConfig
 
 # The replica half of Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode: user code and the
 # handles' router on the replica's own event loop (no hop to a second thread per message), and
@@ -49,14 +43,6 @@ def build_ingress_app(args: dict[str, Any]) -> Application:
     config = IngressAppConfig.model_validate(args)
     ingress = IngressDeployment.options(**serve_options(config.ingress.deployment))
     return ingress.bind(config.model_dump(mode="json"), None)
-
-
-def build_app(args: dict[str, Any]) -> Application:
-    """Every model and the ingress in one application (any model's change restarts them all)."""
-    config = AppConfig.model_validate(args)
-    model_apps = {model.id: _model_app(model, config.cache_dir) for model in config.models}
-    ingress = IngressDeployment.options(**serve_options(config.ingress.deployment))
-    return ingress.bind(config.ingress_app_config().model_dump(mode="json"), model_apps)
 
 
 def _model_app(model: ModelConfig, cache_dir: str) -> Application:

@@ -1,5 +1,5 @@
 """The applications' arguments in config/serve.yaml (models, sources, engine and deployment
-options), and reading them back out of a Ray Serve config file, whichever its layout."""
+options), and reading them back out of a Ray Serve config file as one view."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 ModelKind = Literal["chat", "completion", "embedding"]
 
@@ -39,16 +47,23 @@ def _expand(path: str) -> str:
 
 
 class EngineOptions(_Strict):
+    """Engine options of one model. Shared ones first; the rest apply to one kind of model
+    only (LLM_ONLY_OPTIONS, EMBEDDING_ONLY_OPTIONS), and ModelConfig refuses the other kind's."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the replica has a GPU
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
-    max_num_seqs: int = Field(16, ge=1, description="rows in the running batch")
     max_model_len: int | None = Field(None, ge=16, description="caps the model's context")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads on CPU")
+    prepack_linear: bool = Field(
+        True, description="CPU float32: Linear weights prepacked once for oneDNN (faster matmuls)"
+    )
+    # LLMs (kind chat or completion) only:
+    max_num_seqs: int = Field(16, ge=1, description="rows in the running batch")
     max_prefill_tokens: int = Field(
         256,
         ge=16,
         description="prefill tokens per engine iteration; longer prompts are prefilled in chunks",
     )
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads on CPU")
     stream_interval: int = Field(
         1, ge=1, description="tokens per streamed chunk after the first (>1: fewer messages)"
     )
@@ -60,13 +75,29 @@ class EngineOptions(_Strict):
         ge=0,
         description="tokens of recent prompts/answers whose KV is kept for reuse (0: off)",
     )
-    max_batch_size: int = Field(32, ge=1, description="embeddings: inputs per forward pass")
-    prepack_linear: bool = Field(
-        True, description="CPU float32: Linear weights prepacked once for oneDNN (faster matmuls)"
-    )
     quantization: Literal["none", "int8"] = Field(
         "none", description="int8: torch dynamic int8 Linear layers (CPU only; see docs)"
     )
+    # Embedding models only:
+    max_batch_size: int = Field(32, ge=1, description="embeddings: inputs per forward pass")
+
+
+LLM_ONLY_OPTIONS = frozenset(
+    {
+        "max_num_seqs",
+        "max_prefill_tokens",
+        "stream_interval",
+        "default_max_tokens",
+        "prefix_cache_tokens",
+        "quantization",
+    }
+)
+EMBEDDING_ONLY_OPTIONS = frozenset({"max_batch_size"})
+
+
+def options_not_for(kind: ModelKind) -> frozenset[str]:
+    """The engine options a model of this kind does not take."""
+    return LLM_ONLY_OPTIONS if kind == "embedding" else EMBEDDING_ONLY_OPTIONS
 
 
 class DeploymentOptions(_Strict):
@@ -102,6 +133,25 @@ class ModelConfig(_Strict):
     @property
     def capabilities(self) -> list[str]:
         return CAPABILITIES[self.kind]
+
+    @model_validator(mode="after")
+    def _engine_options_of_its_kind(self) -> ModelConfig:
+        refused = sorted(self.engine.model_fields_set & options_not_for(self.kind))
+        if refused:
+            takes = "LLMs (kind chat or completion)" if self.kind == "embedding" else "embedding"
+            raise ValueError(
+                f"model '{self.id}' ({self.kind}): engine option(s) {', '.join(refused)} apply "
+                f"to {takes} models only"
+            )
+        return self
+
+    @field_serializer("engine", mode="wrap")
+    def _dump_engine_options_of_its_kind(
+        self, engine: EngineOptions, handler: SerializerFunctionWrapHandler
+    ) -> dict[str, Any]:
+        # Without the other kind's defaults, so the dump validates again (replica args).
+        dumped: dict[str, Any] = handler(engine)
+        return {k: v for k, v in dumped.items() if k not in options_not_for(self.kind)}
 
 
 class IngressOptions(_Strict):
@@ -161,8 +211,9 @@ class ModelAppConfig(_Strict):
 
 
 class AppConfig(_Strict):
-    """Every model with the ingress: what a whole serving config file describes (and the args of
-    `build_app`, which serves all of it as one application)."""
+    """A whole Ray Serve config file read back as one view: every model (from its own
+    application) and the ingress options (from the ingress application). Not the args of any
+    application; `serve-app pull`, the benchmarks and the k8s checks read it."""
 
     cache_dir: str = DEFAULT_CACHE_DIR
     models: list[ModelConfig] = Field(min_length=1)
@@ -182,10 +233,6 @@ class AppConfig(_Strict):
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
 
-    def ingress_app_config(self) -> IngressAppConfig:
-        routes = [ModelRoute(id=m.id, kind=m.kind) for m in self.models]
-        return IngressAppConfig(models=routes, ingress=self.ingress)
-
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
@@ -198,9 +245,8 @@ def load_serve_config(path: str | Path) -> dict[str, Any]:
 def app_config_from_serve_config(path: str | Path, app_name: str | None = None) -> AppConfig:
     """Every model and the ingress options, read out of a Ray Serve config file.
 
-    Either layout: one application per model (`args.model`) next to the ingress application,
-    whose `args.models` routes ids to kinds (config/serve.yaml); or one application holding every
-    model in its `args.models` (`build_app`). `app_name` names the ingress (or the single)
+    Its layout is config/serve.yaml's: one application per model (`args.model`) next to the
+    ingress application, whose `args.models` routes ids to kinds. `app_name` names the ingress
     application when the file holds more than one service.
     """
     apps = load_serve_config(path).get("applications") or []
@@ -216,8 +262,6 @@ def app_config_from_applications(
     front = next((a for a in apps if app_name in (None, a.get("name")) and _routes(a)), None)
     if front is None:
         raise ValueError(f"no application named {app_name!r} with args.models")
-    if all("source" in m for m in _routes(front)):  # everything in one application
-        return AppConfig.model_validate(front["args"])
     ingress = IngressAppConfig.model_validate(front["args"])
     model_apps = {a.get("name"): a["args"] for a in apps if "model" in (a.get("args") or {})}
     routed = [r.id for r in ingress.models]
@@ -258,7 +302,6 @@ def model_entries(serve_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         args = app.get("args") or {}
         if "model" in args:
             entries[args["model"]["id"]] = args["model"]
-        entries.update({m["id"]: m for m in args.get("models", []) if "source" in m})
     return entries
 
 

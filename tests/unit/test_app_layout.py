@@ -4,6 +4,7 @@ read back whole by app_config_from_serve_config, and the builders its import_pat
 from __future__ import annotations
 
 import copy
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,12 @@ def test_the_whole_config_reads_back_as_before() -> None:
     assert config.ingress.deployment.graceful_shutdown_timeout_s == 630
 
 
-def test_the_single_application_layout_still_reads() -> None:
-    whole = app_config_from_serve_config(SERVE_YAML)
-    single = [{"name": "all", "import_path": "deployments.app:build_app"}]
-    single[0]["args"] = whole.model_dump(mode="json")
-    assert app_config_from_applications(single) == whole
+def test_a_single_application_holding_every_model_is_not_a_layout_any_more() -> None:
+    whole = app_config_from_serve_config(SERVE_YAML).model_dump(mode="json")
+    single = [{"name": "all", "import_path": "deployments.app:build_app", "args": whole}]
+    with pytest.raises(ValueError, match=r"models\.0\.source"):
+        app_config_from_applications(single)
+    assert not hasattr(importlib.import_module("deployments.app"), "build_app")
 
 
 @pytest.mark.parametrize(
@@ -83,7 +85,7 @@ def test_with_models_drops_the_applications_and_the_routes() -> None:
 
 
 def test_the_builders_name_each_deployment_after_its_model() -> None:
-    from deployments.app import build_app, build_ingress_app, build_model_app
+    from deployments.app import build_ingress_app, build_model_app
 
     apps = {app["name"]: app for app in serve_config()["applications"]}
     model = build_model_app(apps["smollm2-135m-instruct"]["args"])._bound_deployment
@@ -92,9 +94,6 @@ def test_the_builders_name_each_deployment_after_its_model() -> None:
     ingress = build_ingress_app(apps["serve-app"]["args"])._bound_deployment
     assert ingress.name == "Ingress"
     assert ingress.init_args[1] is None  # finds each model's application by name at start
-    whole = app_config_from_serve_config(SERVE_YAML).model_dump(mode="json")
-    bound = build_app(whole)._bound_deployment
-    assert set(bound.init_args[1]) == set(apps) - {"serve-app"}  # handles bound in one app
 
 
 def test_every_replica_gets_ray_serves_fast_path_env_unless_its_config_says_otherwise() -> None:

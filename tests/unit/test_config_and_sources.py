@@ -82,3 +82,35 @@ def test_device_follows_the_gpu_allocation(monkeypatch: pytest.MonkeyPatch) -> N
     assert pick_dtype(auto, torch.device("cuda")) == torch.bfloat16
     assert pick_dtype(auto, torch.device("cpu")) == torch.float32
     assert pick_device(EngineOptions(device="cpu"), has_gpu=True).type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("kind", "option"),
+    [
+        ("embedding", {"max_num_seqs": 8}),
+        ("embedding", {"prefix_cache_tokens": 1024}),
+        ("embedding", {"default_max_tokens": 64}),
+        ("embedding", {"stream_interval": 2}),
+        ("embedding", {"max_prefill_tokens": 512}),
+        ("chat", {"max_batch_size": 8}),
+        ("completion", {"max_batch_size": 8}),
+    ],
+)
+def test_a_model_refuses_the_engine_options_of_the_other_kind(
+    kind: str, option: dict[str, int]
+) -> None:
+    (name,) = option
+    with pytest.raises(ValidationError, match=rf"model 'm' \({kind}\).*{name}.* only"):
+        ModelConfig.model_validate({"id": "m", "kind": kind, "source": "x", "engine": option})
+
+
+def test_engine_options_of_a_models_own_kind_survive_the_round_trip() -> None:
+    embedding = ModelConfig.model_validate(
+        {"id": "e", "kind": "embedding", "source": "x", "engine": {"max_batch_size": 8}}
+    )
+    llm = model("x", engine={"max_num_seqs": 4, "prefix_cache_tokens": 64})
+    for config in (embedding, llm):
+        dumped = config.model_dump(mode="json")  # what a replica is given
+        assert ModelConfig.model_validate(dumped) == config
+    assert "max_num_seqs" not in embedding.model_dump()["engine"]
+    assert "max_batch_size" not in llm.model_dump()["engine"]
