@@ -24,14 +24,23 @@ from typing import Any
 import torch
 
 from serve_app.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from serve_app.engine.grammar import CompiledGrammar, GrammarCompiler, GrammarError
 from serve_app.engine.model_runner import ModelRunner
 from serve_app.engine.output_processor import OutputProcessor
 from serve_app.engine.sampling import Sampled, SamplerState
 from serve_app.engine.scheduler import Scheduler, SchedulerOutput
 from serve_app.engine.sequence import OutputSink, Sequence
-from serve_app.engine.types import EngineStats, FinishReason, RequestOutput, SamplingParams
+from serve_app.engine.types import (
+    Constraint,
+    EngineStats,
+    FinishReason,
+    RequestOutput,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
+
+GRAMMAR_TIMEOUT_S = 10.0  # a grammar still compiling after this answers 400 (vLLM #54003)
 
 
 def _load_libc() -> Any:
@@ -81,6 +90,7 @@ class LLMEngine:
         self.processor = OutputProcessor(
             tokenizer, eos_token_ids=eos_token_ids, stream_interval=stream_interval
         )
+        self.grammars = GrammarCompiler(tokenizer, self.runner.vocab_size, eos_token_ids)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._num_steps = 0
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -110,9 +120,29 @@ class LLMEngine:
         """Some request is queued, prefilling or decoding."""
         return self.scheduler.has_requests
 
+    async def compile_grammar(
+        self, constraint: Constraint, timeout_s: float = GRAMMAR_TIMEOUT_S
+    ) -> CompiledGrammar:
+        """Compiles (or finds cached) a structured-output grammar in a worker thread, never on
+        the inference thread. Raises GrammarError if invalid or not done within timeout_s."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(self.grammars.compile, constraint), timeout_s
+            )
+        except TimeoutError as exc:
+            raise GrammarError(
+                f"the {constraint.kind} took over {timeout_s:g} s to compile; simplify it"
+            ) from exc
+
     def submit(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: OutputSink
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: OutputSink,
+        grammar: CompiledGrammar | None = None,
     ) -> None:
+        """Queues a request; `grammar` (from compile_grammar) constrains its output."""
         max_tokens = params.max_tokens or (self.max_model_len - len(prompt_ids))
         seq = Sequence(
             request_id=request_id,
@@ -123,6 +153,7 @@ class LLMEngine:
             stop_matcher=StopStringMatcher(params.stop),
             sink=sink,
             submitted_at=time.monotonic(),
+            grammar=grammar.new_row() if grammar is not None else None,
         )
         self._inbox.put(("add", seq))
 
@@ -130,8 +161,14 @@ class LLMEngine:
         self._inbox.put(("abort", request_id))
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        grammar: CompiledGrammar | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        if grammar is None and params.constraint is not None:
+            grammar = await self.compile_grammar(params.constraint)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -139,7 +176,7 @@ class LLMEngine:
             if not loop.is_closed():  # a consumer whose loop is gone has nobody to tell
                 loop.call_soon_threadsafe(outputs.put_nowait, output)
 
-        self.submit(request_id, prompt_ids, params, sink)
+        self.submit(request_id, prompt_ids, params, sink, grammar)
         is_finished = False
         try:
             while not is_finished:

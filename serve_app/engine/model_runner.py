@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from serve_app.engine.batch import BatchCache, cache_kv, growing_cache, left_padded_rows
+from serve_app.engine.grammar import apply_grammar_masks
 from serve_app.engine.prefix_cache import BLOCK_TOKENS, LayerKV, PrefixCache
 from serve_app.engine.sampling import Sampled, sample
 from serve_app.engine.sequence import Sequence
@@ -162,7 +163,7 @@ class ModelRunner:
             past_key_values=self.batch.cache,
             use_cache=True,
         )
-        return sample(out.logits[:, -1, :], [seq.sampler for seq in rows])
+        return _sample(out.logits[:, -1, :], rows)
 
     # ---- batch rows --------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ class ModelRunner:
         for seq in group:  # prefilled: its views must not keep an evicted entry alive
             seq.prefix = None
         self.batch.append_rows(cache, mask)
-        return sample(logits, [seq.sampler for seq in group])
+        return _sample(logits, group)
 
     def _cached_prefixes(
         self, group: list[Sequence], cached: list[int]
@@ -213,6 +214,14 @@ class ModelRunner:
             ids[row, length - len(prompt) :] = torch.tensor(prompt)
             mask[row, length - len(prompt) :] = 1
         return ids.to(self.device), mask.to(self.device)
+
+
+def _sample(logits: torch.Tensor, rows: list[Sequence]) -> Sampled:
+    """Each row's next token, within its grammar if it has one."""
+    grammars = [seq.grammar for seq in rows]
+    if any(grammars):
+        apply_grammar_masks(logits, grammars)
+    return sample(logits, [seq.sampler for seq in rows])
 
 
 def _distinct_prompts(group: list[Sequence]) -> tuple[list[Sequence], list[int]]:

@@ -31,15 +31,20 @@ class OutputProcessor:
         seq.sampler.record(token_id)
         if logprobs is not None:
             seq.unsent_logprobs.append(self._token_logprob(token_id, logprobs))
+        if seq.grammar is not None:
+            seq.grammar.consume(token_id)
         if token_id in self.eos_token_ids and not seq.sampler.params.ignore_eos:
             return self.finish(seq, FinishReason.STOP, seq.stop_matcher.flush())
         delta = seq.detokenizer.push(token_id)
+        is_grammar_done = seq.grammar is not None and seq.grammar.is_done
         is_length = seq.num_generated >= seq.max_tokens
-        if is_length:
+        if is_length or is_grammar_done:
             delta += seq.detokenizer.flush()
         text, hit_stop = seq.stop_matcher.feed(delta)
         if hit_stop:
             return self.finish(seq, FinishReason.STOP, text)
+        if is_grammar_done:  # a complete grammar admits no further token
+            return self.finish(seq, FinishReason.STOP, text + seq.stop_matcher.flush())
         if is_length:
             return self.finish(seq, FinishReason.LENGTH, text + seq.stop_matcher.flush())
         seq.unsent_text += text

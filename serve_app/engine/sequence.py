@@ -16,6 +16,7 @@ from serve_app.engine.types import FinishReason, RequestOutput, TokenLogprob
 
 if TYPE_CHECKING:  # torch types, named in annotations only
     from serve_app.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+    from serve_app.engine.grammar import RowGrammar
     from serve_app.engine.prefix_cache import PrefixHit
     from serve_app.engine.sampling import SamplerState
 
@@ -52,6 +53,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_cached: int | None = None  # prompt tokens found in the prefix cache; None: not looked up
     prefix: PrefixHit | None = None  # those tokens' cached keys/values until prefilled
+    grammar: RowGrammar | None = None  # its structured-output state, if constrained
 
     @property
     def is_finished(self) -> bool:

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
+
+ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """What the output must match. value: the JSON schema's text (json_schema), the regex,
+    a JSON list of strings (choice), a Lark grammar (grammar); unused for json_object."""
+
+    kind: ConstraintKind
+    value: str = ""
 
 
 class FinishReason(StrEnum):
@@ -34,6 +46,7 @@ class SamplingParams:
     ignore_eos: bool = False  # run to max_tokens (fixed-length benchmarks, deadline tests)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     logprobs: int | None = None  # None: off; k: the chosen token's logprob and the top k
+    constraint: Constraint | None = None  # structured output (serve_app/engine/grammar.py)
 
     @property
     def is_greedy(self) -> bool:
