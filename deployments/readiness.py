@@ -1,0 +1,127 @@
+"""Which models are ready, for /health and /v1/models, without a call that queues behind
+generation on every probe.
+
+Ray Serve's own view (`serve.status()`, read off the event loop, cached `status_ttl_s`) says
+whether a model's deployment has a RUNNING replica. A replica whose weights failed to load stays
+up on purpose and Serve calls it healthy, so each model's `info` (load error, context length) is
+asked once per deployment of its application (`last_deployed_time_s`) and kept; the first probe
+waits `info_timeout_s` for it. While that answer is pending (the replica is busy), Serve's view
+decides: a replica without weights refuses every call at once, so it is never too busy to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+logger = logging.getLogger(__name__)
+
+InfoCall = Callable[[str], Awaitable[Any]]
+INFO_RETRY_S = 5.0  # after a failed info call, Serve's view alone decides this long
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentView:
+    num_running: int
+    deployed_at: float  # the application's last_deployed_time_s: a new one asks info again
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    deployed_at: float
+    is_ready: bool
+    context_length: int | None
+
+
+def read_deployment_views() -> dict[str, DeploymentView]:
+    """Deployment name -> its view. Blocking (a controller call): run it off the loop. A model's
+    deployment is named by its id; its own application (same name) wins over another's."""
+    views: dict[str, DeploymentView] = {}
+    for app_name, application in serve.status().applications.items():
+        for name, deployment in application.deployments.items():
+            running = sum(n for s, n in deployment.replica_states.items() if _name(s) == "RUNNING")
+            if name not in views or name == app_name:
+                views[name] = DeploymentView(running, application.last_deployed_time_s)
+    return views
+
+
+def _name(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+class ModelReadiness:
+    def __init__(
+        self, ask_info: InfoCall, status_ttl_s: float = 1.5, info_timeout_s: float = 0.5
+    ) -> None:
+        self.ask_info = ask_info
+        self.status_ttl_s = status_ttl_s
+        self.info_timeout_s = info_timeout_s
+        self._views: dict[str, DeploymentView] = {}
+        self._views_at: float | None = None
+        self._views_lock = asyncio.Lock()
+        self._infos: dict[str, ModelInfo] = {}
+        self._pending: dict[str, asyncio.Task[Any]] = {}
+        self._failed_at: dict[str, float] = {}
+
+    async def ready(self, model_ids: list[str]) -> dict[str, bool]:
+        views = await self._deployment_views()
+        results = await asyncio.gather(*(self._is_ready(m, views.get(m)) for m in model_ids))
+        return dict(zip(model_ids, results, strict=True))
+
+    def context_length(self, model_id: str) -> int | None:
+        info = self._infos.get(model_id)
+        return info.context_length if info else None
+
+    async def _is_ready(self, model_id: str, view: DeploymentView | None) -> bool:
+        if view is None or view.num_running == 0:
+            return False
+        info = self._infos.get(model_id)
+        if info is None or info.deployed_at != view.deployed_at:
+            info = await self._fetch_info(model_id, view.deployed_at)
+        return info.is_ready if info else True
+
+    async def _fetch_info(self, model_id: str, deployed_at: float) -> ModelInfo | None:
+        if time.monotonic() - self._failed_at.get(model_id, -INFO_RETRY_S) < INFO_RETRY_S:
+            return None
+        if model_id in self._pending:  # asked already and queued: do not wait on it again
+            return None
+        try:
+            task = asyncio.ensure_future(self.ask_info(model_id))
+        except Exception as exc:  # the handle refused the call outright
+            logger.warning("info of %s failed: %r", model_id, exc)
+            self._failed_at[model_id] = time.monotonic()
+            return None
+        self._pending[model_id] = task
+        task.add_done_callback(lambda t: self._keep(model_id, deployed_at, t))
+        await asyncio.wait({task}, timeout=self.info_timeout_s)  # never cancels the call
+        return self._infos.get(model_id)
+
+    def _keep(self, model_id: str, deployed_at: float, task: asyncio.Task[Any]) -> None:
+        self._pending.pop(model_id, None)
+        answer = None if task.cancelled() or task.exception() else task.result()
+        if not isinstance(answer, dict):
+            self._failed_at[model_id] = time.monotonic()
+            return
+        context_length = answer.get("context_length") or self.context_length(model_id)
+        self._infos[model_id] = ModelInfo(deployed_at, bool(answer.get("ready")), context_length)
+
+    async def _deployment_views(self) -> dict[str, DeploymentView]:
+        async with self._views_lock:  # concurrent probes share one controller call
+            now = time.monotonic()
+            if self._views_at is None or now - self._views_at >= self.status_ttl_s:
+                self._views = await self._read_views()
+                self._views_at = time.monotonic()
+        return self._views
+
+    async def _read_views(self) -> dict[str, DeploymentView]:
+        try:
+            return await asyncio.to_thread(read_deployment_views)
+        except Exception as exc:  # controller unreachable: nothing reads as ready
+            logger.warning("serve.status() failed: %r", exc)
+            return {}

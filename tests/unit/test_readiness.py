@@ -1,0 +1,113 @@
+"""ModelReadiness: Serve's view (cached), one info call per deployment, kept."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import deployments.readiness as readiness_module
+from deployments.readiness import DeploymentView, ModelReadiness
+
+
+class Views:
+    def __init__(self) -> None:
+        self.view = DeploymentView(num_running=1, deployed_at=1.0)
+        self.num_reads = 0
+
+    def __call__(self) -> dict[str, DeploymentView]:
+        self.num_reads += 1
+        return {"m": self.view}
+
+
+@pytest.fixture()
+def views(monkeypatch: pytest.MonkeyPatch) -> Views:
+    fake = Views()
+    monkeypatch.setattr(readiness_module, "read_deployment_views", fake)
+    return fake
+
+
+async def test_info_is_asked_again_only_after_a_new_deployment(views: Views) -> None:
+    answers = [{"ready": False, "context_length": None}, {"ready": True, "context_length": 64}]
+    calls: list[str] = []
+
+    async def ask(model_id: str) -> Any:
+        calls.append(model_id)
+        return answers[len(calls) - 1]
+
+    readiness = ModelReadiness(ask, status_ttl_s=0.0)
+    assert await readiness.ready(["m"]) == {"m": False}
+    assert await readiness.ready(["m"]) == {"m": False} and len(calls) == 1
+    views.view = DeploymentView(num_running=1, deployed_at=2.0)  # redeployed
+    assert await readiness.ready(["m"]) == {"m": True}
+    assert len(calls) == 2 and readiness.context_length("m") == 64
+
+
+async def test_failed_info_leaves_serves_view_in_charge_and_is_retried_later(
+    views: Views, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    async def ask(model_id: str) -> Any:
+        calls.append(model_id)
+        raise RuntimeError("queue full")
+
+    readiness = ModelReadiness(ask, status_ttl_s=0.0)
+    assert await readiness.ready(["m"]) == {"m": True}  # RUNNING replica, no answer yet
+    assert await readiness.ready(["m"]) == {"m": True} and len(calls) == 1
+    monkeypatch.setattr(readiness_module, "INFO_RETRY_S", 0.0)
+    await readiness.ready(["m"])
+    assert len(calls) == 2
+
+
+async def test_no_running_replica_or_unknown_model_is_not_ready(views: Views) -> None:
+    async def ask(model_id: str) -> Any:
+        return {"ready": True}
+
+    readiness = ModelReadiness(ask, status_ttl_s=0.0)
+    views.view = DeploymentView(num_running=0, deployed_at=1.0)
+    assert await readiness.ready(["m", "other"]) == {"m": False, "other": False}
+
+
+async def test_concurrent_probes_share_one_status_read(views: Views) -> None:
+    async def ask(model_id: str) -> Any:
+        return {"ready": True}
+
+    readiness = ModelReadiness(ask, status_ttl_s=60.0)
+    results = await asyncio.gather(*(readiness.ready(["m"]) for _ in range(10)))
+    assert all(r == {"m": True} for r in results) and views.num_reads == 1
+
+
+async def test_controller_failure_reads_as_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> dict[str, DeploymentView]:
+        raise ConnectionError("controller gone")
+
+    monkeypatch.setattr(readiness_module, "read_deployment_views", broken)
+
+    async def ask(model_id: str) -> Any:
+        return {"ready": True}
+
+    assert await ModelReadiness(ask).ready(["m"]) == {"m": False}
+
+
+def test_views_come_from_serve_status_by_deployment_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import ReplicaState
+
+    def deployment(num_running: int) -> SimpleNamespace:
+        states = {ReplicaState.RUNNING: num_running, ReplicaState.STARTING: 1}
+        return SimpleNamespace(status="HEALTHY", replica_states=states)
+
+    applications = {
+        "serve-app": SimpleNamespace(
+            last_deployed_time_s=5.0, deployments={"Ingress": deployment(1), "m": deployment(0)}
+        ),
+        "m": SimpleNamespace(last_deployed_time_s=7.0, deployments={"m": deployment(2)}),
+    }
+    status = SimpleNamespace(applications=applications)
+    monkeypatch.setattr(readiness_module.serve, "status", lambda: status)
+    views = readiness_module.read_deployment_views()
+    assert views["m"] == DeploymentView(num_running=2, deployed_at=7.0)  # its own application
+    assert views["Ingress"].num_running == 1
