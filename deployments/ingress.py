@@ -22,11 +22,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.auth import check_bearer, load_api_keys
+from deployments.auth import ApiKeys, BearerAuth, load_api_keys
 from deployments.body_limit import BodySizeLimit
 from deployments.http_errors import install_error_handlers, upstream_error
 from deployments.metrics import record_error
-from deployments.static import static_file
+from deployments.readiness import ModelReadiness
+from deployments.static import not_found, static_file
 from serve_app.config import IngressAppConfig, ModelRoute
 from serve_app.engine.types import RequestOutput
 from serve_app.errors import (
@@ -54,12 +55,18 @@ from serve_app.protocol import ChatCompletionRequest, CompletionRequest, Embeddi
 logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
-_INFO_TIMEOUT_S = 2.0
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
 MAX_BODY_BYTES = int(os.environ.get("SERVE_APP_MAX_BODY_BYTES", 4 * 1024 * 1024))
 MAX_HEADER_BYTES = int(os.environ.get("SERVE_APP_MAX_HEADER_BYTES", 32 * 1024))
 CORS_ORIGINS = [o for o in os.environ.get("SERVE_APP_CORS_ORIGINS", "").split(",") if o]
+
+
+def replica_api_keys() -> ApiKeys:
+    """The keys of the Ingress this replica runs (Serve binds routes' `self` the same way)."""
+    ingress = cast("Ingress", serve.get_replica_context().servable_object)
+    return ingress.api_keys
+
 
 app = FastAPI(
     title="serve-app",
@@ -69,6 +76,9 @@ app = FastAPI(
 )
 install_error_handlers(app)
 app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, max_header_bytes=MAX_HEADER_BYTES)
+# Added after (so outside) the body limit: an unauthenticated request gets its 401 before its
+# size or body is looked at.
+app.add_middleware(BearerAuth, api_keys=replica_api_keys)
 if CORS_ORIGINS:  # off by default: the chat page is same-origin
     app.add_middleware(
         CORSMiddleware,
@@ -132,9 +142,12 @@ async def _sse_events(
             message = (
                 last.error if last else None
             ) or "the stream ended before generation finished"
+            record_error(ids.model, 500)  # after the 200: counted here, not by a handler
             yield _sse(error_body(message, "server_error"))
     except TimeoutError:
-        yield _sse(GenerationTimeoutError(_timeout_message(timeout_s)).to_dict())
+        timeout = GenerationTimeoutError(_timeout_message(timeout_s))
+        record_error(ids.model, timeout.status_code)
+        yield _sse(timeout.to_dict())
     except asyncio.CancelledError:
         raise  # client went away; the finally below frees the engine slot
     except Exception as exc:  # the replica died or was replaced mid-stream
@@ -196,6 +209,9 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
+_ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -216,37 +232,36 @@ class Ingress:
             model_handles = {model_id: DeploymentHandle(model_id, model_id) for model_id in ids}
         self.handles = model_handles
         self.started_at = int(time.time())
-        self.context_lengths: dict[str, int] = {}
-        self.api_keys = load_api_keys(self.config.ingress.api_keys)
+        self.readiness = ModelReadiness(lambda model_id: self.handles[model_id].info.remote())
+        self.api_keys = load_api_keys(self.config.ingress.api_keys)  # read by BearerAuth
         self.timeout_s = self.config.ingress.request_timeout_s
 
     # ---- routes ------------------------------------------------------------------------
 
     @app.get("/health")
     async def health(self) -> Response:
-        infos = await self._model_infos()
-        not_ready = [m for m, info in infos.items() if not (info and info.get("ready"))]
+        """Serve's view of each model plus its cached load result (deployments/readiness.py):
+        no call that waits behind generation."""
+        ready = await self.readiness.ready([m.id for m in self.config.models])
+        not_ready = [model_id for model_id, is_ready in ready.items() if not is_ready]
         if not_ready:
             return JSONResponse({"status": "unavailable", "not_ready": not_ready}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
-    async def list_models(self, request: Request) -> dict[str, Any]:
-        check_bearer(request, self.api_keys)
-        infos = await self._model_infos()
-        cards = [self._card(m, infos.get(m.id)).model_dump() for m in self.config.models]
+    async def list_models(self) -> dict[str, Any]:
+        ready = await self.readiness.ready([m.id for m in self.config.models])
+        cards = [self._card(m, ready[m.id]).model_dump() for m in self.config.models]
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id}")
-    async def get_model(self, model_id: str, request: Request) -> dict[str, Any]:
-        check_bearer(request, self.api_keys)
+    async def get_model(self, model_id: str) -> dict[str, Any]:
         model = self._model(model_id)
-        infos = await self._model_infos([model_id])
-        return self._card(model, infos.get(model_id)).model_dump()
+        ready = await self.readiness.ready([model_id])
+        return self._card(model, ready[model_id]).model_dump()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        check_bearer(request, self.api_keys)
         model = self._model(body.model)
         request.state.model = model.id  # labels the error metrics (known ids only)
         if "chat" not in model.capabilities:
@@ -261,7 +276,6 @@ class Ingress:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        check_bearer(request, self.api_keys)
         model = self._model(body.model)
         request.state.model = model.id  # labels the error metrics (known ids only)
         if "completions" not in model.capabilities:
@@ -275,7 +289,6 @@ class Ingress:
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-        check_bearer(request, self.api_keys)
         model = self._model(body.model)
         request.state.model = model.id  # labels the error metrics (known ids only)
         if "embeddings" not in model.capabilities:
@@ -299,8 +312,7 @@ class Ingress:
         return {"object": "list", "data": data, "model": model.id, "usage": usage(num_tokens, 0)}
 
     @app.get("/admin/models/{model_id}/stats")
-    async def model_stats(self, model_id: str, request: Request) -> dict[str, Any]:
-        check_bearer(request, self.api_keys)
+    async def model_stats(self, model_id: str) -> dict[str, Any]:
         model = self._model(model_id)
         if model.kind == "embedding":
             raise InvalidRequestError("stats are kept for generative models", param="model_id")
@@ -311,20 +323,22 @@ class Ingress:
         return result
 
     @app.get("/admin/status")
-    async def serve_status(self, request: Request) -> dict[str, Any]:
+    async def serve_status(self) -> dict[str, Any]:
         """Ray Serve's view: every deployment's status and replicas by state."""
-        check_bearer(request, self.api_keys)
-        return {"applications": serve_status_summary()}
+        # A blocking controller call: in a thread, so the streams on this loop keep flowing.
+        return {"applications": await asyncio.to_thread(serve_status_summary)}
 
     @app.get("/admin/metrics-targets")
-    async def metrics_targets(self, request: Request) -> dict[str, Any]:
+    async def metrics_targets(self) -> dict[str, Any]:
         """Where Prometheus scrapes: each alive Ray node's metrics export address."""
-        check_bearer(request, self.api_keys)
-        return {"targets": metrics_export_targets()}
+        return {"targets": await asyncio.to_thread(metrics_export_targets)}
 
-    @app.get("/{path:path}", include_in_schema=False)
-    async def frontend(self, path: str) -> Response:
-        """The static chat page, same origin as the API (declared last: routes above win)."""
+    @app.api_route("/{path:path}", methods=_ANY_METHOD, include_in_schema=False)
+    async def frontend(self, path: str, request: Request) -> Response:
+        """The static chat page, same origin as the API (declared last: routes above win).
+        Every method lands here, so an unknown path is 404 whatever the method, never 405."""
+        if request.method not in ("GET", "HEAD"):
+            raise not_found(path)
         return static_file(FRONTEND_DIR, path)
 
     # ---- generation --------------------------------------------------------------------
@@ -365,31 +379,16 @@ class Ingress:
             raise ModelNotFoundError(model_id)
         return model
 
-    def _card(self, model: ModelRoute, info: dict[str, Any] | None) -> ModelCard:
-        if info and info.get("context_length"):
-            self.context_lengths[model.id] = info["context_length"]
+    def _card(self, model: ModelRoute, is_ready: bool) -> ModelCard:
+        """From the routing table; context_length once the model's replica has told it."""
         return ModelCard(
             id=model.id,
             created=self.started_at,
             kind=model.kind,
             capabilities=model.capabilities,
-            context_length=self.context_lengths.get(model.id),
-            status="ready" if info and info.get("ready") else "unavailable",
+            context_length=self.readiness.context_length(model.id),
+            status="ready" if is_ready else "unavailable",
         )
-
-    async def _model_infos(self, model_ids: list[str] | None = None) -> dict[str, Any]:
-        ids = model_ids or list(self.handles)
-
-        async def one(model_id: str) -> Any:
-            try:
-                return await asyncio.wait_for(
-                    self.handles[model_id].info.remote(), timeout=_INFO_TIMEOUT_S
-                )
-            except Exception:  # starting, dead or overloaded: reported as not ready
-                return None
-
-        results = await asyncio.gather(*(one(m) for m in ids))
-        return dict(zip(ids, results, strict=True))
 
 
 IngressDeployment = serve.deployment(name="Ingress")(serve.ingress(app)(Ingress))

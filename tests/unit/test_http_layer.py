@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError
 
-from deployments.auth import check_bearer, load_api_keys
+from deployments.auth import ApiKeys, BearerAuth, load_api_keys
 from deployments.body_limit import BodySizeLimit
 from deployments.http_errors import install_error_handlers, upstream_error
 from serve_app.protocol import ChatCompletionRequest
@@ -22,13 +22,13 @@ def client(monkeypatch: pytest.MonkeyPatch) -> TestClient:
     app = FastAPI()
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=2000)
+    app.add_middleware(BearerAuth, api_keys=lambda: keys)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request) -> dict:
-        check_bearer(request, keys)
+    async def chat(body: ChatCompletionRequest) -> dict:
         return {"model": body.model}
 
-    @app.get("/busy")
+    @app.get("/v1/busy")
     async def busy() -> dict:
         try:
             raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
@@ -68,7 +68,8 @@ def test_missing_or_wrong_key_is_401(client: TestClient, header: str | None) -> 
 
 def test_no_keys_means_auth_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SERVE_APP_API_KEYS", raising=False)
-    assert load_api_keys([]) == ()
+    assert load_api_keys([]) == ApiKeys()
+    assert not load_api_keys([]).is_required
 
 
 def test_declared_and_streamed_oversized_bodies_are_413(client: TestClient) -> None:
@@ -115,7 +116,7 @@ def test_validation_errors_are_400_naming_the_parameter(client: TestClient) -> N
 
 
 def test_backpressure_is_429_with_retry_after(client: TestClient) -> None:
-    response = client.get("/busy")
+    response = client.get("/v1/busy", headers={"Authorization": "Bearer env-key"})
     assert error(response, 429)["type"] == "rate_limit_error"
     assert response.headers["retry-after"]
 
