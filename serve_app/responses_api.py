@@ -51,10 +51,22 @@ class TextPart(_Request):
     logprobs: list[Any] | None = None
 
 
+def _str_or_list(value: Any) -> str:
+    # Tags named as pydantic names union branches, so an error reports only the branch the
+    # value is (never "Input should be a valid string" for a bad part list).
+    return "str" if isinstance(value, str) else "list[parts]"
+
+
+TextParts = Annotated[
+    Annotated[str, Tag("str")] | Annotated[list[TextPart], Tag("list[parts]")],
+    Discriminator(_str_or_list),
+]
+
+
 class InputMessage(_Request):
     type: Literal["message"] | None = None
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[TextPart]
+    content: TextParts
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
@@ -77,9 +89,15 @@ class FunctionCallItem(_Request):
 class FunctionCallOutputItem(_Request):
     type: Literal["function_call_output"]
     call_id: str = Field(min_length=1)
-    output: str | list[TextPart]
+    output: TextParts
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _text_only(cls, output: Any) -> Any:
+        _check_kinds(output, _TEXT_PARTS, "output")
+        return output
 
 
 def _item_kind(value: Any) -> str:

@@ -308,6 +308,16 @@ def test_image_input_is_refused_naming_input() -> None:
     assert loc[0] == "input" and "content[0]: type 'input_image' is not supported" in msg
 
 
+def test_a_bad_part_list_reports_the_part_not_the_string_branch() -> None:
+    loc, msg = refusal(input=[{"role": "user", "content": [{"type": "input_text"}]}])
+    assert loc == ("input", 0, "message", "content", "list[parts]", 0, "text")
+    assert msg == "Field required"
+    output = [{"type": "input_image", "image_url": "x"}]
+    loc, msg = refusal(input=[{"type": "function_call_output", "call_id": "c", "output": output}])
+    assert loc[:3] == ("input", 0, "function_call_output")
+    assert "output[0]: type 'input_image' is not supported" in msg
+
+
 def test_unknown_item_types_are_refused_naming_input() -> None:
     loc, msg = refusal(input=[{"type": "reasoning", "id": "rs_1", "summary": []}])
     assert loc == ("input",) and "input[0]: type 'reasoning' is not supported" in msg
