@@ -39,18 +39,23 @@ from serve_app.errors import (
 )
 from serve_app.openai_adapter import (
     Admitted,
+    ChoiceOutput,
     GenerateCall,
     Rejected,
-    ResponseIds,
     chat_call,
     completion_call,
-    full_response,
     new_request_id,
-    stream_chunk,
-    usage,
-    usage_chunk,
+    tokenize_call,
 )
-from serve_app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard
+from serve_app.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    ModelCard,
+    TokenizeRequest,
+)
+from serve_app.response_builder import ResponseBuilder, ResponseIds, usage
 
 logger = logging.getLogger(__name__)
 
@@ -94,66 +99,65 @@ def _check_embedding_options(body: EmbeddingRequest) -> None:
         raise InvalidRequestError("dimensions is not supported by this model", param="dimensions")
 
 
+def _choice_output(item: RequestOutput | ChoiceOutput) -> tuple[int, RequestOutput]:
+    return (item.index, item.output) if isinstance(item, ChoiceOutput) else (0, item)
+
+
 async def _collect(
-    stream: DeploymentResponseGenerator, ids: ResponseIds, num_prompt: int, timeout_s: float | None
+    stream: DeploymentResponseGenerator, builder: ResponseBuilder, timeout_s: float | None
 ) -> Any:
-    parts: list[str] = []
-    last: RequestOutput | None = None
+    model = builder.ids.model
     try:
         async with asyncio.timeout(timeout_s):
-            async for output in stream:
-                parts.append(output.text)
-                last = output
+            async for item in stream:
+                builder.add(*_choice_output(item))
     except TimeoutError as exc:
         raise GenerationTimeoutError(_timeout_message(timeout_s)) from exc
     except Exception as exc:
-        raise upstream_error(ids.model, exc) from exc
+        raise upstream_error(model, exc) from exc
     finally:
         _cancel(stream)  # no-op when finished; frees the slot on timeout or cancellation
-    if last is None or last.finish_reason not in ("stop", "length"):
-        message = (last.error if last else None) or "generation ended without a result"
-        raise APIError(message, code="generation_failed")  # 500 server_error, engine's reason
-    num_generated = last.num_generated_tokens
-    return full_response(ids, "".join(parts), last.finish_reason, num_prompt, num_generated)
+    failure = builder.failure or (None if builder.is_finished else "generation ended early")
+    if failure:
+        raise APIError(failure, code="generation_failed")  # 500 server_error, engine's reason
+    return builder.response()
 
 
 async def _sse_events(
     stream: DeploymentResponseGenerator,
-    ids: ResponseIds,
-    num_prompt: int,
+    builder: ResponseBuilder,
     include_usage: bool,
     timeout_s: float | None,
 ) -> AsyncIterator[str]:
     """Engine deltas -> SSE lines. Always ends with [DONE], after an error event if need be."""
+    model = builder.ids.model
     try:
-        if ids.endpoint == "chat":
-            yield _sse(stream_chunk(ids, None, None, role=True))
-        last: RequestOutput | None = None
+        for first in builder.first_chunks():
+            yield _sse(first)
         async with asyncio.timeout(timeout_s):
-            async for output in stream:
-                last = output
-                if output.finish_reason in ("error", "abort"):
+            async for item in stream:
+                chunk = builder.add(*_choice_output(item))
+                if builder.failure:
                     break
-                yield _sse(stream_chunk(ids, output.text, output.finish_reason))
-        if last is not None and last.finish_reason in ("stop", "length"):
+                if chunk is not None:
+                    yield _sse(chunk)
+        if builder.is_finished and not builder.failure:
             if include_usage:
-                yield _sse(usage_chunk(ids, num_prompt, last.num_generated_tokens))
+                yield _sse(builder.usage_chunk())
         else:
-            message = (
-                last.error if last else None
-            ) or "the stream ended before generation finished"
-            record_error(ids.model, 500)  # after the 200: counted here, not by a handler
+            message = builder.failure or "the stream ended before generation finished"
+            record_error(model, 500)  # after the 200: counted here, not by a handler
             yield _sse(error_body(message, "server_error"))
     except TimeoutError:
         timeout = GenerationTimeoutError(_timeout_message(timeout_s))
-        record_error(ids.model, timeout.status_code)
+        record_error(model, timeout.status_code)
         yield _sse(timeout.to_dict())
     except asyncio.CancelledError:
         raise  # client went away; the finally below frees the engine slot
     except Exception as exc:  # the replica died or was replaced mid-stream
-        logger.warning("stream %s failed: %r", ids.request_id, exc)
-        error = upstream_error(ids.model, exc)
-        record_error(ids.model, error.status_code)
+        logger.warning("stream %s failed: %r", builder.ids.request_id, exc)
+        error = upstream_error(model, exc)
+        record_error(model, error.status_code)
         yield _sse(error.to_dict())
     finally:
         _cancel(stream)
@@ -298,18 +302,28 @@ class Ingress:
                 code="embeddings_not_supported",
             )
         _check_embedding_options(body)
-        try:
-            result = await self.handles[model.id].embed.remote(body.texts())
-        except Exception as exc:
-            raise upstream_error(model.id, exc) from exc
-        if isinstance(result, Rejected):
-            raise result.to_error()
-        vectors, num_tokens = result
+        vectors, num_tokens = await self._call_model(model.id, "embed", body.texts())
         data = [
             {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
             for i, v in enumerate(vectors)
         ]
         return {"object": "list", "data": data, "model": model.id, "usage": usage(num_tokens, 0)}
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> dict[str, Any]:
+        """vLLM's /tokenize: the ids a prompt (or chat messages) becomes for this model."""
+        model = self._generative_model(body.model, request)
+        if body.messages is not None and "chat" not in model.capabilities:
+            raise InvalidRequestError(
+                f"Model '{model.id}' has no chat template; send a prompt.", param="messages"
+            )
+        call = tokenize_call(body, new_request_id())
+        return await self._call_model(model.id, "tokenize", call, body.add_special_tokens)
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+        model = self._generative_model(body.model, request)
+        return await self._call_model(model.id, "detokenize", body.tokens)
 
     @app.get("/admin/models/{model_id}/stats")
     async def model_stats(self, model_id: str) -> dict[str, Any]:
@@ -361,17 +375,44 @@ class Ingress:
         if isinstance(first, Rejected):
             raise first.to_error()
         assert isinstance(first, Admitted) and stream is not None
-        ids = ResponseIds(call.request_id, model.id, call.endpoint)
+        builder = ResponseBuilder(
+            ResponseIds(call.request_id, model.id, call.endpoint),
+            first.num_prompt_tokens,
+            call.num_choices,
+            has_tools=call.constraint_param == "tools",
+            echo_text=first.echo_text,
+            has_logprobs=call.sampling.logprobs is not None,
+        )
         headers = {"X-Request-Id": call.request_id}
         if not is_stream:
-            body = await _collect(stream, ids, first.num_prompt_tokens, self.timeout_s)
+            body = await _collect(stream, builder, self.timeout_s)
             return JSONResponse(body, headers=headers)
-        events = _sse_events(stream, ids, first.num_prompt_tokens, include_usage, self.timeout_s)
+        events = _sse_events(stream, builder, include_usage, self.timeout_s)
         return StreamingResponse(
             events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
         )
 
     # ---- helpers -----------------------------------------------------------------------
+
+    def _generative_model(self, model_id: str, request: Request) -> ModelRoute:
+        model = self._model(model_id)
+        request.state.model = model.id  # labels the error metrics (known ids only)
+        if model.kind == "embedding":
+            raise InvalidRequestError(
+                f"Model '{model.id}' is an embedding model; it has no tokenizer endpoint here.",
+                param="model",
+            )
+        return model
+
+    async def _call_model(self, model_id: str, method: str, *args: Any) -> Any:
+        """A plain (not streamed) call of a model replica's method; its Rejected is raised."""
+        try:
+            result = await getattr(self.handles[model_id], method).remote(*args)
+        except Exception as exc:
+            raise upstream_error(model_id, exc) from exc
+        if isinstance(result, Rejected):
+            raise result.to_error()
+        return result
 
     def _model(self, model_id: str) -> ModelRoute:
         model = self.config.model(model_id)

@@ -6,6 +6,7 @@ was admitted (prompt token count) or rejected (an API error), then engine deltas
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -16,12 +17,21 @@ from ray import serve
 
 from deployments.metrics import RequestTimer, record_engine_stats
 from deployments.model_replica import ModelReplica
-from serve_app.engine.types import RequestOutput
-from serve_app.errors import APIError
-from serve_app.openai_adapter import Admitted, GenerateCall, Rejected, prompt_token_ids
+from serve_app.engine.types import FinishReason, RequestOutput, SamplingParams
+from serve_app.errors import APIError, InvalidRequestError
+from serve_app.openai_adapter import (
+    Admitted,
+    ChoiceOutput,
+    GenerateCall,
+    Rejected,
+    decode_ids,
+    encode_prompt,
+    prompt_token_ids,
+)
 
 if TYPE_CHECKING:
-    from serve_app.engine.llm_engine import LLMEngine  # noqa: F401 (the base class names it)
+    from serve_app.engine.grammar import CompiledGrammar
+    from serve_app.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -40,29 +50,109 @@ class LLMServer(ModelReplica["LLMEngine"]):
 
     async def generate(
         self, call: GenerateCall
-    ) -> AsyncIterator[Admitted | Rejected | RequestOutput]:
+    ) -> AsyncIterator[Admitted | Rejected | RequestOutput | ChoiceOutput]:
+        """Admitted (or Rejected), then the engine's deltas: RequestOutputs for one choice,
+        ChoiceOutputs (interleaved as they come) for n > 1."""
         try:
             engine = self._ready_engine()
             prompt_ids = await self._off_loop(
                 prompt_token_ids, call, engine.tokenizer, engine.max_model_len
             )
+            _check_logit_bias(call.sampling, engine.vocab_size)
+            grammar = await _compiled_grammar(engine, call)
         except APIError as exc:
             yield Rejected.from_error(exc)
             return
         params = call.sampling
         if params.max_tokens is None and self.config.engine.default_max_tokens:
             params = dataclasses.replace(params, max_tokens=self.config.engine.default_max_tokens)
-        yield Admitted(len(prompt_ids))
-        timer = RequestTimer(self.config.id)
+        yield Admitted(len(prompt_ids), echo_text=_echo_text(call, prompt_ids, engine.tokenizer))
         record_engine_stats(self.config.id, engine.stats())
         try:
-            async for output in engine.generate(call.request_id, prompt_ids, params):
+            if call.num_choices == 1:
+                async for output in self._timed(
+                    engine, call.request_id, prompt_ids, params, grammar
+                ):
+                    yield output
+            else:
+                async for choice in self._choices(engine, call, prompt_ids, params, grammar):
+                    yield choice
+        finally:
+            record_engine_stats(self.config.id, engine.stats())
+
+    async def _timed(
+        self,
+        engine: LLMEngine,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        grammar: CompiledGrammar | None,
+    ) -> AsyncIterator[RequestOutput]:
+        """One engine request, its latencies recorded."""
+        timer = RequestTimer(self.config.id)
+        try:
+            async for output in engine.generate(request_id, prompt_ids, params, grammar):
                 timer.observe(output)
                 yield output
         finally:
             if not timer.is_finished:  # the client went away (or the ingress gave up)
                 timer.cancelled()
-            record_engine_stats(self.config.id, engine.stats())
+
+    async def _choices(
+        self,
+        engine: LLMEngine,
+        call: GenerateCall,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        grammar: CompiledGrammar | None,
+    ) -> AsyncIterator[ChoiceOutput]:
+        """n engine requests submitted together (so one prefill serves them all), their
+        outputs interleaved. A seeded request seeds choice i with seed + i."""
+        ready: asyncio.Queue[ChoiceOutput] = asyncio.Queue()
+
+        async def run(index: int) -> None:
+            seed = None if params.seed is None else params.seed + index
+            choice_params = dataclasses.replace(params, seed=seed)
+            request_id = f"{call.request_id}-{index}"
+            try:
+                async for output in self._timed(
+                    engine, request_id, prompt_ids, choice_params, grammar
+                ):
+                    ready.put_nowait(ChoiceOutput(index, output))
+            except Exception as exc:  # never leave the merged stream waiting for this choice
+                failed = RequestOutput(request_id, "", len(prompt_ids), 0, FinishReason.ERROR)
+                failed.error = f"choice {index} failed: {exc}"
+                ready.put_nowait(ChoiceOutput(index, failed))
+
+        tasks = [asyncio.create_task(run(index)) for index in range(call.num_choices)]
+        try:
+            num_finished = 0
+            while num_finished < call.num_choices:
+                choice = await ready.get()
+                num_finished += choice.output.is_finished
+                yield choice
+        finally:
+            for task in tasks:  # cancelling a choice's generator aborts it in the engine
+                task.cancel()
+
+    async def tokenize(
+        self, call: GenerateCall, add_special_tokens: bool
+    ) -> dict[str, Any] | Rejected:
+        """/tokenize: the prompt's ids as generation would see them (no context check)."""
+        try:
+            engine = self._ready_engine()
+            ids = await self._off_loop(encode_prompt, call, engine.tokenizer, add_special_tokens)
+        except APIError as exc:
+            return Rejected.from_error(exc)
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+
+    async def detokenize(self, token_ids: list[int]) -> dict[str, Any] | Rejected:
+        try:
+            engine = self._ready_engine()
+            text = await self._off_loop(decode_ids, token_ids, engine.tokenizer)
+        except APIError as exc:
+            return Rejected.from_error(exc)
+        return {"prompt": text}
 
     async def stats(self) -> dict[str, Any]:
         if self.engine is None:
@@ -78,3 +168,37 @@ class LLMServer(ModelReplica["LLMEngine"]):
             raise RuntimeError(f"{self.config.id}: inference thread died")
         if engine.is_stuck(_MAX_STEP_SECONDS):
             raise RuntimeError(f"{self.config.id}: inference thread stuck")
+
+
+def _check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    unknown = [token_id for token_id, _ in params.logit_bias if token_id >= vocab_size]
+    if unknown:
+        raise InvalidRequestError(
+            f"logit_bias names token {unknown[0]}, but this model's vocabulary has "
+            f"{vocab_size} tokens",
+            param="logit_bias",
+            code="invalid_value",
+        )
+
+
+async def _compiled_grammar(engine: LLMEngine, call: GenerateCall) -> CompiledGrammar | None:
+    """The request's structured-output grammar, compiled off the loop (400 if refused)."""
+    from serve_app.engine.grammar import GrammarError
+
+    constraint = call.sampling.constraint
+    if constraint is None:
+        return None
+    try:
+        return await engine.compile_grammar(constraint)
+    except GrammarError as exc:
+        raise InvalidRequestError(
+            str(exc), param=call.constraint_param, code="invalid_grammar"
+        ) from exc
+
+
+def _echo_text(call: GenerateCall, prompt_ids: list[int], tokenizer: Any) -> str:
+    if not call.echo:
+        return ""
+    if isinstance(call.prompt, str):
+        return call.prompt
+    return str(tokenizer.decode(prompt_ids))

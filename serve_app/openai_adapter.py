@@ -1,19 +1,28 @@
-"""Protocol <-> engine translation: the call sent to a model replica, and the chunks sent back.
+"""Protocol <-> engine translation: the call sent to a model replica and what comes back.
 
-Ingress side: request body -> GenerateCall (plain, picklable). Replica side: GenerateCall ->
-prompt token ids. Ingress side again: engine deltas -> OpenAI chunk / response dicts.
+Ingress side: request body -> GenerateCall (plain, picklable: sampling, constraint, tools
+rendered into the messages). Replica side: GenerateCall -> prompt token ids. The chunks and
+bodies sent to the client are built by serve_app/response_builder.py.
 """
 
 from __future__ import annotations
 
-import time
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from serve_app.engine.types import SamplingParams
+from serve_app.engine.types import Constraint, RequestOutput, SamplingParams
 from serve_app.errors import APIError, ContextLengthExceededError, InvalidRequestError
-from serve_app.protocol import ChatCompletionRequest, CompletionRequest
+from serve_app.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    NamedToolChoice,
+    ResponseFormat,
+    StructuredOutputs,
+    TokenizeRequest,
+)
+from serve_app.tool_calls import ToolChoice, output_schema, render_messages
 
 Endpoint = Literal["chat", "completions"]
 
@@ -25,8 +34,11 @@ class GenerateCall:
     request_id: str
     endpoint: Endpoint
     sampling: SamplingParams
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     prompt: str | list[int] = ""
+    num_choices: int = 1  # n: each choice decodes on its own from one prefill
+    echo: bool = False  # completions: the prompt's text comes back before the answer
+    constraint_param: str | None = None  # the request field the constraint came from
 
 
 @dataclass(slots=True)
@@ -34,6 +46,15 @@ class Admitted:
     """First event of every generation stream: the prompt was accepted."""
 
     num_prompt_tokens: int
+    echo_text: str = ""  # the prompt's text, when the call asked for echo
+
+
+@dataclass(slots=True)
+class ChoiceOutput:
+    """An engine delta of choice `index`, for calls with more than one choice (n > 1)."""
+
+    index: int
+    output: RequestOutput
 
 
 @dataclass(slots=True)
@@ -70,7 +91,9 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def sampling_params(body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+def sampling_params(
+    body: ChatCompletionRequest | CompletionRequest, constraint: Constraint | None
+) -> SamplingParams:
     return SamplingParams(
         max_tokens=body.max_tokens,
         temperature=body.temperature,
@@ -81,17 +104,99 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest) -> Sampling
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         ignore_eos=body.ignore_eos,
+        logit_bias=body.logit_bias_pairs(),
+        logprobs=body.num_logprobs(),
+        constraint=constraint,
     )
 
 
+def tool_choice(body: ChatCompletionRequest) -> ToolChoice | None:
+    """The tools the model may call, or None when it answers in plain text."""
+    choice = body.tool_choice
+    if not body.tools or choice == "none":
+        return None
+    functions = [tool.function.model_dump(exclude_none=True) for tool in body.tools]
+    is_parallel = body.parallel_tool_calls is not False
+    if isinstance(choice, NamedToolChoice):
+        named = [f for f in functions if f["name"] == choice.function.name]
+        return ToolChoice(named, "named", is_parallel=False)
+    return ToolChoice(functions, "required" if choice == "required" else "auto", is_parallel)
+
+
 def chat_call(body: ChatCompletionRequest, request_id: str) -> GenerateCall:
-    messages = [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
-    return GenerateCall(request_id, "chat", sampling_params(body), messages=messages)
+    tools = tool_choice(body)
+    messages = render_messages([_template_message(m) for m in body.messages], tools)
+    constraint, param = _output_constraint(body)
+    if tools is not None:
+        constraint, param = Constraint("json_schema", json.dumps(output_schema(tools))), "tools"
+    return GenerateCall(
+        request_id,
+        "chat",
+        sampling_params(body, constraint),
+        messages=messages,
+        num_choices=body.n,
+        constraint_param=param,
+    )
 
 
 def completion_call(body: CompletionRequest, request_id: str) -> GenerateCall:
     prompt = body.prompt if isinstance(body.prompt, (str, list)) else str(body.prompt)
-    return GenerateCall(request_id, "completions", sampling_params(body), prompt=prompt)  # type: ignore[arg-type]
+    constraint, param = _output_constraint(body)
+    return GenerateCall(
+        request_id,
+        "completions",
+        sampling_params(body, constraint),
+        prompt=prompt,  # type: ignore[arg-type]
+        num_choices=body.n,
+        echo=body.echo,
+        constraint_param=param,
+    )
+
+
+def tokenize_call(body: TokenizeRequest, request_id: str) -> GenerateCall:
+    """The prompt of a /tokenize request, as a chat or completions call would carry it."""
+    if body.messages is not None:
+        messages = render_messages([_template_message(m) for m in body.messages], None)
+        return GenerateCall(request_id, "chat", SamplingParams(), messages=messages)
+    return GenerateCall(request_id, "completions", SamplingParams(), prompt=body.prompt or "")
+
+
+def _output_constraint(
+    body: ChatCompletionRequest | CompletionRequest,
+) -> tuple[Constraint | None, str | None]:
+    """The grammar response_format or structured_outputs asks for, and that field's name."""
+    if body.structured_outputs is not None:
+        return _structured_constraint(body.structured_outputs), "structured_outputs"
+    if body.response_format is not None and body.response_format.type != "text":
+        return _format_constraint(body.response_format), "response_format"
+    return None, None
+
+
+def _format_constraint(response_format: ResponseFormat) -> Constraint:
+    if response_format.type == "json_object" or response_format.json_schema is None:
+        return Constraint("json_object")
+    schema = response_format.json_schema.schema_ or {}
+    return Constraint("json_schema", json.dumps(schema, sort_keys=False))
+
+
+def _structured_constraint(outputs: StructuredOutputs) -> Constraint:
+    if outputs.json_ is not None:
+        schema = outputs.json_ if isinstance(outputs.json_, str) else json.dumps(outputs.json_)
+        return Constraint("json_schema", schema)
+    if outputs.regex is not None:
+        return Constraint("regex", outputs.regex)
+    if outputs.choice is not None:
+        return Constraint("choice", json.dumps(outputs.choice))
+    return Constraint("grammar", outputs.grammar or "")
+
+
+def _template_message(message: Any) -> dict[str, Any]:
+    rendered: dict[str, Any] = {"role": _template_role(message.role), "content": message.text()}
+    if message.tool_calls:
+        rendered["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.tool_call_id:
+        rendered["tool_call_id"] = message.tool_call_id
+    return rendered
 
 
 def _template_role(role: str) -> str:
@@ -111,14 +216,27 @@ def prompt_token_ids(call: GenerateCall, tokenizer: Any, max_model_len: int) -> 
     tokenizer refuses, e.g. a template's `raise_exception("roles must alternate")`. CPU-bound
     for long prompts: the replica calls it off its event loop.
     """
+    ids = encode_prompt(call, tokenizer)
+    _check_context(len(ids), call, max_model_len)
+    return ids
+
+
+def encode_prompt(call: GenerateCall, tokenizer: Any, add_special_tokens: bool = True) -> list[int]:
+    """The call's prompt ids (chat template applied), without the context check; 400 for input
+    the template or tokenizer refuses."""
     try:
-        ids = _encode(call, tokenizer)
+        if not add_special_tokens and isinstance(call.prompt, str) and call.endpoint != "chat":
+            return list(tokenizer(call.prompt, add_special_tokens=False)["input_ids"])
+        return _encode(call, tokenizer)
     except APIError:
         raise
     except Exception as exc:  # jinja2's TemplateError, the tokenizer's ValueError, ...
         raise _refused_input(call, exc) from exc
-    _check_context(len(ids), call, max_model_len)
-    return ids
+
+
+def decode_ids(ids: list[int], tokenizer: Any) -> str:
+    """/detokenize: the text of token ids (400 for an id outside the vocabulary)."""
+    return str(tokenizer.decode(_checked_token_ids(ids, tokenizer, param="tokens")))
 
 
 def _encode(call: GenerateCall, tokenizer: Any) -> list[int]:
@@ -155,11 +273,11 @@ def _chat_ids(call: GenerateCall, tokenizer: Any) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def _checked_token_ids(ids: list[int], tokenizer: Any) -> list[int]:
+def _checked_token_ids(ids: list[int], tokenizer: Any, param: str = "prompt") -> list[int]:
     vocab_size = len(tokenizer)
     if any(not 0 <= i < vocab_size for i in ids):
         raise InvalidRequestError(
-            f"prompt token ids must be in [0, {vocab_size})", param="prompt", code="invalid_value"
+            f"{param} token ids must be in [0, {vocab_size})", param=param, code="invalid_value"
         )
     return list(ids)
 
@@ -175,73 +293,3 @@ def _check_context(num_prompt_tokens: int, call: GenerateCall, max_model_len: in
             f"{param} or completion.",
             param=param,
         )
-
-
-# ---- ingress side: OpenAI response shapes ------------------------------------------------
-
-
-@dataclass(slots=True)
-class ResponseIds:
-    """The fixed parts of every chunk of one response."""
-
-    request_id: str
-    model: str
-    endpoint: Endpoint
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def response_id(self) -> str:
-        prefix = "chatcmpl" if self.endpoint == "chat" else "cmpl"
-        return f"{prefix}-{self.request_id}"
-
-
-def stream_chunk(
-    ids: ResponseIds, text: str | None, finish_reason: str | None, *, role: bool = False
-) -> dict[str, Any]:
-    if ids.endpoint == "chat":
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-        if text:
-            delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text or ""}
-        obj = "text_completion"
-    choice.update(logprobs=None, finish_reason=finish_reason)
-    return _envelope(ids, obj, [choice])
-
-
-def usage_chunk(ids: ResponseIds, num_prompt: int, num_completion: int) -> dict[str, Any]:
-    obj = "chat.completion.chunk" if ids.endpoint == "chat" else "text_completion"
-    return {**_envelope(ids, obj, []), "usage": usage(num_prompt, num_completion)}
-
-
-def full_response(
-    ids: ResponseIds, text: str, finish_reason: str, num_prompt: int, num_completion: int
-) -> dict[str, Any]:
-    if ids.endpoint == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text}
-        obj = "text_completion"
-    choice.update(logprobs=None, finish_reason=finish_reason)
-    return {**_envelope(ids, obj, [choice]), "usage": usage(num_prompt, num_completion)}
-
-
-def usage(num_prompt: int, num_completion: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": num_prompt,
-        "completion_tokens": num_completion,
-        "total_tokens": num_prompt + num_completion,
-    }
-
-
-def _envelope(ids: ResponseIds, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "id": ids.response_id,
-        "object": obj,
-        "created": ids.created,
-        "model": ids.model,
-        "choices": choices,
-    }

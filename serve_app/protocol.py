@@ -13,11 +13,16 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 8  # n
+MAX_TOP_LOGPROBS = 20  # chat top_logprobs (completions: 5, as OpenAI)
+MAX_COMPLETION_LOGPROBS = 5
+MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_MESSAGES = 1024
 MAX_EMBEDDING_INPUTS = 2048
 # Below this, sampling is greedy, as in vLLM (_SAMPLING_EPS): logits / 1e-300 overflow to inf,
@@ -44,7 +49,6 @@ def _exact_type(kind: type) -> BeforeValidator:
 
 
 OnlyOne = Annotated[Literal[1], _exact_type(int)]
-OnlyFalse = Annotated[Literal[False], _exact_type(bool)]
 
 
 class _Request(BaseModel):
@@ -85,10 +89,31 @@ class TextContentPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Request):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=64)  # assistant
+    tool_call_id: str | None = None  # tool
+
+    @model_validator(mode="after")
+    def _tool_fields_by_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -113,11 +138,15 @@ class _SamplingFields(_Request):
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    n: OnlyOne = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="extension (vLLM): constrain the output to json, regex, choice or grammar"
+    )
 
-    @field_validator("max_tokens", "top_k", "seed", mode="before")
+    @field_validator("max_tokens", "top_k", "seed", "n", mode="before")
     @classmethod
     def _integral_numbers(cls, value: Any) -> Any:
         return _integral(value)
@@ -138,10 +167,30 @@ class _SamplingFields(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
-        if bias:
-            raise ValueError("logit_bias is not supported")
+    def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is None:
+            return None
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries are allowed")
+        for key, value in bias.items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:20]!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError("logit_bias values must be in [-100, 100]")
         return bias
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_constraint(
+        cls, outputs: StructuredOutputs | None, info: ValidationInfo
+    ) -> StructuredOutputs | None:
+        response_format = info.data.get("response_format")
+        if outputs is not None and response_format is not None and response_format.type != "text":
+            raise ValueError("set either response_format or structured_outputs, not both")
+        return outputs
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -153,24 +202,112 @@ class _SamplingFields(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class JSONSchemaFormat(_Request):
+    name: str = Field("response", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
-    type: Literal["text"]
+    """OpenAI's response_format: text (no constraint), any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError("json_schema is only allowed when type is 'json_schema'")
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's structured_outputs: exactly one of json (a schema), regex, choice, grammar (Lark)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    grammar: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [v for v in (self.json_, self.regex, self.choice, self.grammar) if v is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of json, regex, choice, grammar")
+        return self
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: OnlyFalse | None = None
-    top_logprobs: None = None
-    response_format: ResponseFormat | None = None
-    tools: None = None
-    tool_choice: Literal["none"] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
-    @field_validator("max_completion_tokens", mode="before")
+    @field_validator("max_completion_tokens", "top_logprobs", mode="before")
     @classmethod
     def _integral_max_completion_tokens(cls, value: Any) -> Any:
         return _integral(value)
+
+    # Field validators (not model ones) so the 400 names the field: fields validate in
+    # declaration order, so info.data holds the ones declared before.
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs: true")
+        return top
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, tools: list[Tool] | None, info: ValidationInfo) -> list[Tool] | None:
+        names = {tool.function.name for tool in tools or []}
+        if len(names) < len(tools or []):
+            raise ValueError("function names must be unique")
+        response_format = info.data.get("response_format")
+        if tools and response_format is not None and response_format.type != "text":
+            raise ValueError("tools cannot be combined with a response_format other than text")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_names_a_tool(cls, choice: Any, info: ValidationInfo) -> Any:
+        names = {tool.function.name for tool in info.data.get("tools") or []}
+        if choice is not None and choice != "none" and not names:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
+        return choice
+
+    def num_logprobs(self) -> int | None:
+        """None: no logprobs; k: the chosen token's and the k most likely."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
     def _merge_max_tokens(self) -> ChatCompletionRequest:
@@ -181,11 +318,19 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    echo: OnlyFalse = False
-    logprobs: None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     best_of: OnlyOne | None = None
     suffix: None = None
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _integral_logprobs(cls, value: Any) -> Any:
+        return _integral(value)
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -208,6 +353,31 @@ class CompletionRequest(_SamplingFields):
         if isinstance(prompt, list) and not prompt:
             raise ValueError("prompt must not be empty")
         return prompt
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or chat messages rendered by the model's chat template."""
+
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_special_tokens: bool = True  # prompt: the tokenizer's BOS/EOS as for a completion
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("set exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: str = Field(min_length=1)
+    tokens: list[int] = Field(max_length=1_000_000)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _integral_tokens(cls, tokens: Any) -> Any:
+        return [_integral(t) for t in tokens] if isinstance(tokens, list) else tokens
 
 
 class EmbeddingRequest(_Request):

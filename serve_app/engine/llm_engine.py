@@ -108,6 +108,11 @@ class LLMEngine:
         self._thread.join(timeout=10)
 
     @property
+    def vocab_size(self) -> int:
+        """Width of the model's logits (token ids a request may name)."""
+        return self.runner.vocab_size
+
+    @property
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 

@@ -285,9 +285,14 @@ def test_invalid_parameter_is_400_naming_it(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"n": 9}, "n"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools"),
+        ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}}},
+            "response_format",
+        ),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"not_an_openai_field": 1}, "not_an_openai_field"),
         ({"max_tokens": 0}, "max_tokens"),

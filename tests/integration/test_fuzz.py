@@ -175,27 +175,29 @@ _SAMPLING = {
     "stop": [1, True, {}, [1], ["a", "b", "c", "d", "e"], [""]],
     "presence_penalty": _FLOAT + [3],
     "frequency_penalty": _FLOAT + [-3],
-    "n": _INT + [2],
-    "logit_bias": _OBJECT + [{"1": "x"}, {"50256": -100}],
+    "n": _INT + [0, 9],
+    # 50256 is past SmolLM2's 49152 tokens: refused by the replica, which knows the vocabulary.
+    "logit_bias": _OBJECT + [{"1": "x"}, {"a": 1}, {"1": 101}, {"50256": -100}],
     "user": _STR,
+    "response_format": _OBJECT + [{"type": "xml"}, {"type": "json_schema"}],
+    "structured_outputs": _OBJECT + [{}, {"regex": "a", "choice": ["a"]}, {"regex": "("}],
 }
 WRONG_VALUES: dict[str, dict[str, list[Any]]] = {
     CHAT_PATH: {
         **_SAMPLING,
         "messages": ["hi", 1, {}, [], [1], ["hi"], [{"content": "x"}], [{"role": "robot"}]],
         "max_completion_tokens": _INT + [0],
-        "logprobs": ["x", 1, True],
-        "top_logprobs": ["x", 1, True],
-        "response_format": _OBJECT + [{"type": "json_object"}],
-        "tools": ["x", 1, [{"type": "function"}]],
-        "tool_choice": [1, "auto", {"type": "function"}],
+        "logprobs": ["x", 1],
+        "top_logprobs": ["x", True, 1, 21],  # 1 alone: top_logprobs needs logprobs
+        "tools": ["x", 1, [{"type": "function"}], [{"type": "code_interpreter"}]],
+        "tool_choice": [1, "auto", {"type": "function"}],  # "auto" without tools
         "parallel_tool_calls": _BOOL[:2] + [[]],
     },
     COMPLETIONS_PATH: {
         **_SAMPLING,
         "prompt": [1, True, {}, None, "", [], [1.5], [True], [[1], [2]], ["a", "b"], [-1]],
-        "echo": ["x", 1, True],
-        "logprobs": ["x", 1, True],
+        "echo": ["x", 1],
+        "logprobs": ["x", True, 6, -1],
         "best_of": ["x", True, 2],
         "suffix": [1, "x"],
     },
