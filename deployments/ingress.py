@@ -6,40 +6,43 @@ by name) and imports no torch, so it starts fast.
 
 import asyncio
 import base64
-import contextlib
-import json
 import logging
 import os
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from deployments.admin import metrics_export_targets, serve_status_summary
 from deployments.auth import ApiKeys, BearerAuth, load_api_keys
 from deployments.body_limit import BodySizeLimit
 from deployments.http_errors import install_error_handlers, upstream_error
-from deployments.metrics import record_error
 from deployments.readiness import ModelReadiness
 from deployments.static import not_found, static_file
+from deployments.streaming import cancel, chat_chunks, collect, sse_events, translated_events
+from serve_app.anthropic_api import (
+    MessagesRequest,
+    chat_body_from_messages,
+    message_from_chat,
+    new_message_id,
+)
+from serve_app.anthropic_stream import MessagesStream
 from serve_app.config import IngressAppConfig, ModelRoute
-from serve_app.engine.types import RequestOutput
 from serve_app.errors import (
-    APIError,
-    GenerationTimeoutError,
     InvalidRequestError,
     ModelNotFoundError,
-    error_body,
 )
 from serve_app.openai_adapter import (
     Admitted,
-    ChoiceOutput,
     GenerateCall,
     Rejected,
     chat_call,
@@ -56,6 +59,13 @@ from serve_app.protocol import (
     TokenizeRequest,
 )
 from serve_app.response_builder import ResponseBuilder, ResponseIds, usage
+from serve_app.responses_api import (
+    ResponsesRequest,
+    chat_body_from_responses,
+    new_response_id,
+    response_from_chat,
+)
+from serve_app.responses_stream import ResponsesStream
 
 logger = logging.getLogger(__name__)
 
@@ -99,111 +109,12 @@ def _check_embedding_options(body: EmbeddingRequest) -> None:
         raise InvalidRequestError("dimensions is not supported by this model", param="dimensions")
 
 
-def _choice_output(item: RequestOutput | ChoiceOutput) -> tuple[int, RequestOutput]:
-    return (item.index, item.output) if isinstance(item, ChoiceOutput) else (0, item)
-
-
-async def _collect(
-    stream: DeploymentResponseGenerator, builder: ResponseBuilder, timeout_s: float | None
-) -> Any:
-    model = builder.ids.model
+def _chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    """The chat request another API's body translates to; what it cannot express is a 400."""
     try:
-        async with asyncio.timeout(timeout_s):
-            async for item in stream:
-                builder.add(*_choice_output(item))
-    except TimeoutError as exc:
-        raise GenerationTimeoutError(_timeout_message(timeout_s)) from exc
-    except Exception as exc:
-        raise upstream_error(model, exc) from exc
-    finally:
-        _cancel(stream)  # no-op when finished; frees the slot on timeout or cancellation
-    failure = builder.failure or (None if builder.is_finished else "generation ended early")
-    if failure:
-        raise APIError(failure, code="generation_failed")  # 500 server_error, engine's reason
-    return builder.response()
-
-
-async def _sse_events(
-    stream: DeploymentResponseGenerator,
-    builder: ResponseBuilder,
-    include_usage: bool,
-    timeout_s: float | None,
-) -> AsyncIterator[str]:
-    """Engine deltas -> SSE lines. Always ends with [DONE], after an error event if need be."""
-    model = builder.ids.model
-    try:
-        for first in builder.first_chunks():
-            yield _sse(first)
-        async with asyncio.timeout(timeout_s):
-            async for item in stream:
-                chunk = builder.add(*_choice_output(item))
-                if builder.failure:
-                    break
-                if chunk is not None:
-                    yield _sse(chunk)
-        if builder.is_finished and not builder.failure:
-            if include_usage:
-                yield _sse(builder.usage_chunk())
-        else:
-            message = builder.failure or "the stream ended before generation finished"
-            record_error(model, 500)  # after the 200: counted here, not by a handler
-            yield _sse(error_body(message, "server_error"))
-    except TimeoutError:
-        timeout = GenerationTimeoutError(_timeout_message(timeout_s))
-        record_error(model, timeout.status_code)
-        yield _sse(timeout.to_dict())
-    except asyncio.CancelledError:
-        raise  # client went away; the finally below frees the engine slot
-    except Exception as exc:  # the replica died or was replaced mid-stream
-        logger.warning("stream %s failed: %r", builder.ids.request_id, exc)
-        error = upstream_error(model, exc)
-        record_error(model, error.status_code)
-        yield _sse(error.to_dict())
-    finally:
-        _cancel(stream)
-    yield "data: [DONE]\n\n"
-
-
-def _cancel(stream: DeploymentResponseGenerator | None) -> None:
-    # cancel() of a call that routing already refused re-raises that refusal; it is moot.
-    with contextlib.suppress(Exception):
-        if stream is not None:
-            stream.cancel()
-
-
-def serve_status_summary() -> dict[str, Any]:
-    applications = serve.status().applications
-    return {
-        name: {
-            "status": _enum_name(app_status.status),
-            "deployments": {
-                deployment: {
-                    "status": _enum_name(info.status),
-                    "replicas": {_enum_name(k): v for k, v in info.replica_states.items()},
-                }
-                for deployment, info in app_status.deployments.items()
-            },
-        }
-        for name, app_status in applications.items()
-    }
-
-
-def _enum_name(value: Any) -> str:
-    return str(getattr(value, "value", value))
-
-
-def metrics_export_targets() -> list[str]:
-    import ray
-
-    return [
-        f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
-        for node in ray.nodes()
-        if node.get("Alive") and node.get("MetricsExportPort")
-    ]
-
-
-def _timeout_message(timeout_s: float | None) -> str:
-    return f"generation exceeded the request deadline of {timeout_s} s"
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
 
 
 def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
@@ -214,10 +125,6 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
 
 
 _ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 # serve.ingress pickles the app and the route functions' globals when the class is
@@ -266,17 +173,33 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        model = self._model(body.model)
-        request.state.model = model.id  # labels the error metrics (known ids only)
-        if "chat" not in model.capabilities:
-            raise InvalidRequestError(
-                f"Model '{model.id}' is a {model.kind} model and has no chat template; "
-                "use /v1/completions for base models or /v1/embeddings for embedding models.",
-                param="model",
-                code="chat_not_supported",
-            )
+        model = self._chat_model(body.model, request)
         call = chat_call(body, new_request_id())
         return await self._generate(model, call, body.stream, body.include_usage)
+
+    @app.post("/v1/responses")
+    async def responses(self, body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API (stateless), answered through the chat path."""
+        model = self._chat_model(body.model, request)
+        chat = _chat_request(chat_body_from_responses(body))
+        response_id = new_response_id()
+
+        def to_body(completion: dict[str, Any]) -> dict[str, Any]:
+            return response_from_chat(completion, body, response_id)
+
+        return await self._translated(model, chat, to_body, ResponsesStream(body, response_id))
+
+    @app.post("/v1/messages")
+    async def messages(self, body: MessagesRequest, request: Request) -> Response:
+        """Anthropic's Messages API, answered through the chat path."""
+        model = self._chat_model(body.model, request)
+        chat = _chat_request(chat_body_from_messages(body))
+        message_id = new_message_id()
+
+        def to_body(completion: dict[str, Any]) -> dict[str, Any]:
+            return message_from_chat(completion, body, message_id)
+
+        return await self._translated(model, chat, to_body, MessagesStream(body, message_id))
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -360,6 +283,41 @@ class Ingress:
     async def _generate(
         self, model: ModelRoute, call: GenerateCall, is_stream: bool, include_usage: bool
     ) -> Response:
+        stream, builder = await self._start(model, call)
+        headers = {"X-Request-Id": call.request_id}
+        if not is_stream:
+            body = await collect(stream, builder, self.timeout_s)
+            return JSONResponse(body, headers=headers)
+        events = sse_events(chat_chunks(stream, builder, include_usage, self.timeout_s))
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+        )
+
+    async def _translated(
+        self,
+        model: ModelRoute,
+        body: ChatCompletionRequest,
+        to_body: Callable[[dict[str, Any]], dict[str, Any]],
+        translator: ResponsesStream | MessagesStream,
+    ) -> Response:
+        """A chat generation answered in another API's shape (its body or its SSE events)."""
+        call = chat_call(body, new_request_id())
+        stream, builder = await self._start(model, call)
+        headers = {"X-Request-Id": call.request_id}
+        if not body.stream:
+            completion = await collect(stream, builder, self.timeout_s)
+            return JSONResponse(to_body(completion), headers=headers)
+        chunks = chat_chunks(stream, builder, True, self.timeout_s)
+        return StreamingResponse(
+            translated_events(chunks, translator),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **headers},
+        )
+
+    async def _start(
+        self, model: ModelRoute, call: GenerateCall
+    ) -> tuple[DeploymentResponseGenerator, ResponseBuilder]:
+        """Sends the call; returns its stream once the replica admitted it (errors raised)."""
         handle = self.handles[model.id].options(stream=True)
         stream: DeploymentResponseGenerator | None = None
         try:
@@ -367,10 +325,10 @@ class Ingress:
             stream = cast(DeploymentResponseGenerator, handle.generate.remote(call))
             first = await stream.__anext__()
         except Exception as exc:
-            _cancel(stream)
+            cancel(stream)
             raise upstream_error(model.id, exc) from exc
         except BaseException:  # cancelled while waiting: do not leave the call queued
-            _cancel(stream)
+            cancel(stream)
             raise
         if isinstance(first, Rejected):
             raise first.to_error()
@@ -383,16 +341,21 @@ class Ingress:
             echo_text=first.echo_text,
             has_logprobs=call.sampling.logprobs is not None,
         )
-        headers = {"X-Request-Id": call.request_id}
-        if not is_stream:
-            body = await _collect(stream, builder, self.timeout_s)
-            return JSONResponse(body, headers=headers)
-        events = _sse_events(stream, builder, include_usage, self.timeout_s)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
-        )
+        return stream, builder
 
     # ---- helpers -----------------------------------------------------------------------
+
+    def _chat_model(self, model_id: str, request: Request) -> ModelRoute:
+        model = self._model(model_id)
+        request.state.model = model.id  # labels the error metrics (known ids only)
+        if "chat" not in model.capabilities:
+            raise InvalidRequestError(
+                f"Model '{model.id}' is a {model.kind} model and has no chat template; "
+                "use /v1/completions for base models or /v1/embeddings for embedding models.",
+                param="model",
+                code="chat_not_supported",
+            )
+        return model
 
     def _generative_model(self, model_id: str, request: Request) -> ModelRoute:
         model = self._model(model_id)

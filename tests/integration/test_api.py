@@ -287,7 +287,7 @@ def test_invalid_parameter_is_400_naming_it(client: openai.OpenAI) -> None:
     [
         ({"n": 9}, "n"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"tools": [{"type": "code_interpreter"}]}, "tools"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
         ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}}},
