@@ -28,6 +28,7 @@ from serve_app.openai_adapter import (
     encode_prompt,
     prompt_token_ids,
 )
+from serve_app.reasoning import ReasoningParser, reasoning_splitter
 
 if TYPE_CHECKING:
     from serve_app.engine.grammar import CompiledGrammar
@@ -71,7 +72,7 @@ class LLMServer(ModelReplica["LLMEngine"]):
         try:
             if call.num_choices == 1:
                 async for output in self._timed(
-                    engine, call.request_id, prompt_ids, params, grammar
+                    engine, call.request_id, prompt_ids, params, grammar, self._reasoning(call)
                 ):
                     yield output
             else:
@@ -87,13 +88,16 @@ class LLMServer(ModelReplica["LLMEngine"]):
         prompt_ids: list[int],
         params: SamplingParams,
         grammar: CompiledGrammar | None,
+        reasoning: ReasoningParser | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """One engine request, its latencies recorded."""
+        """One engine request, its latencies recorded; with a reasoning parser each delta's
+        `<think>` text is cut out of `text` into `reasoning` (serve_app/reasoning.py)."""
         timer = RequestTimer(self.config.id)
+        splitter = reasoning_splitter(reasoning)
         try:
             async for output in engine.generate(request_id, prompt_ids, params, grammar):
                 timer.observe(output)
-                yield output
+                yield output if splitter is None else splitter.split(output)
         finally:
             if not timer.is_finished:  # the client went away (or the ingress gave up)
                 timer.cancelled()
@@ -116,7 +120,7 @@ class LLMServer(ModelReplica["LLMEngine"]):
             request_id = f"{call.request_id}-{index}"
             try:
                 async for output in self._timed(
-                    engine, request_id, prompt_ids, choice_params, grammar
+                    engine, request_id, prompt_ids, choice_params, grammar, self._reasoning(call)
                 ):
                     ready.put_nowait(ChoiceOutput(index, output))
             except Exception as exc:  # never leave the merged stream waiting for this choice
@@ -134,6 +138,10 @@ class LLMServer(ModelReplica["LLMEngine"]):
         finally:
             for task in tasks:  # cancelling a choice's generator aborts it in the engine
                 task.cancel()
+
+    def _reasoning(self, call: GenerateCall) -> ReasoningParser | None:
+        """The model's reasoning parser, for chat calls only (completions stay raw, as vLLM's)."""
+        return self.config.engine.reasoning_parser if call.endpoint == "chat" else None
 
     async def tokenize(
         self, call: GenerateCall, add_special_tokens: bool

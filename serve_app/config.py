@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from serve_app.reasoning import ReasoningParser
+
 ModelKind = Literal["chat", "completion", "embedding"]
 
 # What each kind of model can be asked through the API.
@@ -78,6 +80,10 @@ class EngineOptions(_Strict):
     quantization: Literal["none", "int8"] = Field(
         "none", description="int8: torch dynamic int8 Linear layers (CPU only; see docs)"
     )
+    reasoning_parser: ReasoningParser | None = Field(
+        None,
+        description="think_tags: chat text between <think> and </think> -> reasoning_content",
+    )
     # Embedding models only:
     max_batch_size: int = Field(32, ge=1, description="embeddings: inputs per forward pass")
 
@@ -90,6 +96,7 @@ LLM_ONLY_OPTIONS = frozenset(
         "default_max_tokens",
         "prefix_cache_tokens",
         "quantization",
+        "reasoning_parser",
     }
 )
 EMBEDDING_ONLY_OPTIONS = frozenset({"max_batch_size"})

@@ -79,6 +79,7 @@ class RequestOutput:
     error: str | None = None
     queue_time_s: float = 0.0  # submit -> start of prefill
     logprobs: list[TokenLogprob] | None = None  # the tokens behind `text`, when asked for
+    reasoning: str = ""  # new <think> text, cut out of `text` by the replica (reasoning.py)
 
     @property
     def is_finished(self) -> bool:
