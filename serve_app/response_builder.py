@@ -13,6 +13,24 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from serve_app.engine.types import RequestOutput, TokenLogprob
+from serve_app.protocol import Usage
+from serve_app.response_types import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    FunctionCallOut,
+    TokenLogprobEntry,
+    ToolCallOut,
+    TopLogprob,
+    dumped,
+)
 from serve_app.tool_calls import ParsedCall, ToolDelta, ToolOutputParser
 
 Endpoint = Literal["chat", "completions"]
@@ -130,37 +148,38 @@ class ResponseBuilder:
     def first_chunks(self) -> list[dict[str, Any]]:
         """Chat: each choice's role; completions with echo: each choice's prompt text."""
         if self.ids.endpoint == "chat":
+            role = ChatDelta(role="assistant", content="")
+            return [self._chat_envelope([_chunk_choice(c.index, role)]) for c in self.choices]
+        if self.echo_text:
             return [
-                self._envelope([_choice(c.index, delta={"role": "assistant", "content": ""})])
+                self._completion_envelope([_completion_choice(c.index, self.echo_text)])
                 for c in self.choices
             ]
-        if self.echo_text:
-            return [self._envelope([_choice(c.index, text=self.echo_text)]) for c in self.choices]
         return []
 
     def usage_chunk(self) -> dict[str, Any]:
-        return {**self._envelope([]), "usage": self.usage()}
+        if self.ids.endpoint == "chat":
+            return self._chat_envelope([], usage=self.usage())
+        return self._completion_envelope([], usage=self.usage())
 
     def _chat_chunk(
         self, choice: ChoiceState, output: RequestOutput, tool_delta: ToolDelta | None
     ) -> dict[str, Any] | None:
-        delta: dict[str, Any] = {}
+        delta = ChatDelta()
         if tool_delta is None:
             if output.text:
-                delta["content"] = output.text
+                delta.content = output.text
         else:
             if tool_delta.content:
-                delta["content"] = tool_delta.content
+                delta.content = tool_delta.content
             calls = _tool_call_deltas(tool_delta)
             if calls:
-                delta["tool_calls"] = calls
+                delta.tool_calls = calls
         reason = choice.api_finish_reason if output.finish_reason else None
         logprobs = self._chat_logprobs(output.logprobs or [])
-        if not delta and reason is None and logprobs is None:
+        if not delta.model_fields_set and reason is None and logprobs is None:
             return None
-        return self._envelope(
-            [_choice(choice.index, delta=delta, logprobs=logprobs, reason=reason)]
-        )
+        return self._chat_envelope([_chunk_choice(choice.index, delta, logprobs, reason)])
 
     def _completion_chunk(
         self, choice: ChoiceState, output: RequestOutput
@@ -170,103 +189,142 @@ class ResponseBuilder:
             return None
         offset = len(choice.text) - len(output.text)
         logprobs = self._completion_logprobs(output.logprobs or [], offset)
-        return self._envelope(
-            [_choice(choice.index, text=output.text, logprobs=logprobs, reason=reason)]
+        return self._completion_envelope(
+            [_completion_choice(choice.index, output.text, logprobs, reason)]
         )
 
     # ---- the whole response ------------------------------------------------------------
 
     def response(self) -> dict[str, Any]:
-        choices = [self._final_choice(choice) for choice in self.choices]
-        obj = "chat.completion" if self.ids.endpoint == "chat" else "text_completion"
-        return {**self._envelope(choices), "object": obj, "usage": self.usage()}
-
-    def _final_choice(self, choice: ChoiceState) -> dict[str, Any]:
-        reason = choice.api_finish_reason
         if self.ids.endpoint != "chat":
-            logprobs = self._completion_logprobs(choice.logprobs, len(self.echo_text))
-            return _choice(choice.index, text=choice.text, logprobs=logprobs, reason=reason)
-        message: dict[str, Any] = {"role": "assistant", "content": choice.content}
+            choices = [self._final_completion_choice(choice) for choice in self.choices]
+            return self._completion_envelope(choices, usage=self.usage())
+        body = ChatCompletionResponse(
+            id=self.ids.response_id,
+            object="chat.completion",
+            created=self.ids.created,
+            model=self.ids.model,
+            choices=[self._final_chat_choice(choice) for choice in self.choices],
+            usage=self.usage(),
+        )
+        return dumped(body)
+
+    def _final_chat_choice(self, choice: ChoiceState) -> ChatChoice:
+        message = AssistantMessage(role="assistant", content=choice.content)
         if choice.tool_calls:
-            message["tool_calls"] = [_tool_call(call) for call in choice.tool_calls]
-        logprobs = self._chat_logprobs(choice.logprobs)
-        return _choice(choice.index, message=message, logprobs=logprobs, reason=reason)
+            message.tool_calls = [_tool_call(call) for call in choice.tool_calls]
+        return ChatChoice(
+            index=choice.index,
+            message=message,
+            logprobs=self._chat_logprobs(choice.logprobs),
+            finish_reason=choice.api_finish_reason,
+        )
 
-    def usage(self) -> dict[str, int]:
-        return usage(self.num_prompt_tokens, self.num_completion_tokens)
+    def _final_completion_choice(self, choice: ChoiceState) -> CompletionChoice:
+        logprobs = self._completion_logprobs(choice.logprobs, len(self.echo_text))
+        return _completion_choice(choice.index, choice.text, logprobs, choice.api_finish_reason)
 
-    # ---- logprobs ----------------------------------------------------------------------
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.num_prompt_tokens,
+            completion_tokens=self.num_completion_tokens,
+            total_tokens=self.num_prompt_tokens + self.num_completion_tokens,
+        )
 
-    def _chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+    # ---- logprobs and envelopes --------------------------------------------------------
+
+    def _chat_logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         if not self.has_logprobs or not entries:
             return None
-        return {"content": [_chat_logprob(entry) for entry in entries], "refusal": None}
+        return ChatLogprobs(content=[_chat_logprob(entry) for entry in entries], refusal=None)
 
     def _completion_logprobs(
         self, entries: list[TokenLogprob], offset: int
-    ) -> dict[str, Any] | None:
+    ) -> CompletionLogprobs | None:
         if not self.has_logprobs:
             return None
         offsets = []
         for entry in entries:
             offsets.append(offset)
             offset += len(entry.token)
-        return {
-            "tokens": [entry.token for entry in entries],
-            "token_logprobs": [_finite(entry.logprob) for entry in entries],
-            "top_logprobs": [{t: _finite(lp) for _, t, lp in entry.top} for entry in entries],
-            "text_offset": offsets,
-        }
+        return CompletionLogprobs(
+            tokens=[entry.token for entry in entries],
+            token_logprobs=[_finite(entry.logprob) for entry in entries],
+            top_logprobs=[{t: _finite(lp) for _, t, lp in entry.top} for entry in entries],
+            text_offset=offsets,
+        )
 
-    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.ids.response_id,
-            "object": self.ids.object_name,
-            "created": self.ids.created,
-            "model": self.ids.model,
-            "choices": choices,
-        }
+    def _chat_envelope(
+        self, choices: list[ChatChunkChoice], usage: Usage | None = None
+    ) -> dict[str, Any]:
+        chunk = ChatCompletionChunk(
+            id=self.ids.response_id,
+            object="chat.completion.chunk",
+            created=self.ids.created,
+            model=self.ids.model,
+            choices=choices,
+        )
+        if usage is not None:
+            chunk.usage = usage
+        return dumped(chunk)
+
+    def _completion_envelope(
+        self, choices: list[CompletionChoice], usage: Usage | None = None
+    ) -> dict[str, Any]:
+        body = CompletionResponse(
+            id=self.ids.response_id,
+            object="text_completion",
+            created=self.ids.created,
+            model=self.ids.model,
+            choices=choices,
+        )
+        if usage is not None:
+            body.usage = usage
+        return dumped(body)
 
 
-def _choice(
-    index: int, *, reason: str | None = None, logprobs: Any = None, **body: Any
-) -> dict[str, Any]:
-    return {"index": index, **body, "logprobs": logprobs, "finish_reason": reason}
+def _chunk_choice(
+    index: int, delta: ChatDelta, logprobs: ChatLogprobs | None = None, reason: str | None = None
+) -> ChatChunkChoice:
+    return ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)
 
 
-def _tool_call_deltas(tool_delta: ToolDelta) -> list[dict[str, Any]]:
-    calls: list[dict[str, Any]] = [
-        {
-            "index": call.index,
-            "id": call.id,
-            "type": "function",
-            "function": {"name": call.name, "arguments": ""},
-        }
+def _completion_choice(
+    index: int, text: str, logprobs: CompletionLogprobs | None = None, reason: str | None = None
+) -> CompletionChoice:
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
+
+
+def _tool_call_deltas(tool_delta: ToolDelta) -> list[ToolCallOut]:
+    calls = [
+        ToolCallOut(
+            index=call.index,
+            id=call.id,
+            type="function",
+            function=FunctionCallOut(name=call.name, arguments=""),
+        )
         for call in tool_delta.new_calls
     ]
     calls += [
-        {"index": index, "function": {"arguments": fragment}}
+        ToolCallOut(index=index, function=FunctionCallOut(arguments=fragment))
         for index, fragment in tool_delta.arguments
     ]
     return calls
 
 
-def _tool_call(call: ParsedCall) -> dict[str, Any]:
-    return {
-        "id": call.id,
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments},
-    }
+def _tool_call(call: ParsedCall) -> ToolCallOut:
+    function = FunctionCallOut(name=call.name, arguments=call.arguments)
+    return ToolCallOut(id=call.id, type="function", function=function)
 
 
-def _chat_logprob(entry: TokenLogprob) -> dict[str, Any]:
-    return {
-        **_token_entry(entry.token, entry.logprob),
-        "top_logprobs": [_token_entry(token, logprob) for _, token, logprob in entry.top],
-    }
+def _chat_logprob(entry: TokenLogprob) -> TokenLogprobEntry:
+    return TokenLogprobEntry(
+        **_token_fields(entry.token, entry.logprob),
+        top_logprobs=[TopLogprob(**_token_fields(t, lp)) for _, t, lp in entry.top],
+    )
 
 
-def _token_entry(token: str, logprob: float) -> dict[str, Any]:
+def _token_fields(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode("utf-8"))}
 
 
@@ -275,6 +333,7 @@ def _finite(logprob: float) -> float:
 
 
 def usage(num_prompt: int, num_completion: int) -> dict[str, int]:
+    """The usage object's fields (the embeddings route's too)."""
     return {
         "prompt_tokens": num_prompt,
         "completion_tokens": num_completion,

@@ -119,7 +119,7 @@ def test_unauthenticated_huge_or_invalid_body_is_401(edges_url: str) -> None:
 
 
 def test_unknown_paths_are_404_in_the_openai_shape(edges_url: str) -> None:
-    for method, path in (("GET", "/%00"), ("POST", "/v1/responses"), ("GET", "/v1/nothing")):
+    for method, path in (("GET", "/%00"), ("POST", "/v1/assistants"), ("GET", "/v1/nothing")):
         response = httpx.request(method, f"{edges_url}{path}", headers=HEADERS, json={})
         assert response.status_code == 404, (method, path, response.text)
         error = response.json()["error"]

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from ray import serve
 
 import deployments.ingress as ingress_module
+import deployments.streaming as streaming
 from deployments.ingress import Ingress, app
 from serve_app.engine.types import RequestOutput
 from serve_app.openai_adapter import Admitted
@@ -211,7 +212,7 @@ def test_unknown_api_route_is_404_not_405(
     make_client: Callable[..., TestClient], method: str
 ) -> None:
     client = make_client()
-    response = client.request(method, "/v1/responses", json={"model": MODEL}, headers=AUTH)
+    response = client.request(method, "/v1/assistants", json={"model": MODEL}, headers=AUTH)
     assert error_of(response, 404)["type"] == "invalid_request_error"
     assert error_of(client.post("/nope", json={}, headers=AUTH), 404)
 
@@ -313,7 +314,7 @@ def test_model_without_a_running_replica_reads_not_ready(
 @pytest.fixture()
 def recorded_errors(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     errors: list[tuple[str, int]] = []
-    monkeypatch.setattr(ingress_module, "record_error", lambda m, s: errors.append((m, s)))
+    monkeypatch.setattr(streaming, "record_error", lambda m, s: errors.append((m, s)))
     return errors
 
 
