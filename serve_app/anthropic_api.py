@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from serve_app.protocol import MAX_MESSAGES, MAX_STOP_STRINGS, _integral, _Request
+from serve_app.protocol import MAX_MESSAGES, MAX_STOP_STRINGS, _integral, _Request, check_kinds
 
 _BLOCKS = ("text", "tool_use", "tool_result")
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
@@ -30,17 +30,6 @@ _ERROR_TYPES = {
 
 def new_message_id() -> str:
     return f"msg_{uuid.uuid4().hex}"
-
-
-def _check_kinds(values: Any, allowed: tuple[str, ...], where: str, default: str = "") -> None:
-    if not isinstance(values, list):
-        return
-    for index, value in enumerate(values):
-        kind = value.get("type", default) if isinstance(value, dict) else default
-        if kind not in allowed:
-            raise ValueError(
-                f"{where}[{index}]: type {kind!r} is not supported; supported: {', '.join(allowed)}"
-            )
 
 
 CacheControl = dict[str, Any] | None  # accepted, no effect
@@ -82,7 +71,7 @@ class ToolResultBlock(_Request):
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, content: Any) -> Any:
-        _check_kinds(content, ("text",), "tool_result content (text-only models)")
+        check_kinds(content, ("text",), "tool_result content (text-only models)")
         return content
 
     def text(self) -> str:
@@ -105,7 +94,7 @@ class InputMessage(_Request):
     @classmethod
     def _known_blocks(cls, content: Any) -> Any:
         # image, document, thinking, server tool blocks: the served models read text only
-        _check_kinds(content, _BLOCKS, "content (text-only models)")
+        check_kinds(content, _BLOCKS, "content (text-only models)")
         return content
 
     @model_validator(mode="after")
@@ -190,13 +179,13 @@ class MessagesRequest(_Request):
     @field_validator("system", mode="before")
     @classmethod
     def _text_system(cls, system: Any) -> Any:
-        _check_kinds(system, ("text",), "system (text-only models)")
+        check_kinds(system, ("text",), "system (text-only models)")
         return system
 
     @field_validator("tools", mode="before")
     @classmethod
     def _client_tools_only(cls, tools: Any) -> Any:
-        _check_kinds(tools, ("custom",), "tools (server tools are not served)", default="custom")
+        check_kinds(tools, ("custom",), "tools (server tools are not served)", default="custom")
         return tools
 
     @field_validator("thinking", mode="before")

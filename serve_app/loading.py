@@ -99,6 +99,7 @@ def build_llm_engine(model_config: ModelConfig, cache_dir: Path, has_gpu: bool =
         prefix_cache_tokens=options.prefix_cache_tokens,
     )
     engine.start()
+    engine.grammars.start_warming()
     return engine
 
 

@@ -65,6 +65,19 @@ class _Request(BaseModel):
         return value
 
 
+def check_kinds(values: Any, allowed: tuple[str, ...], where: str, default: str = "") -> None:
+    """For a list of typed parts (`{"type": ...}`), a clear error naming the first part whose
+    type is not one of `allowed` (before pydantic tries every union branch on it)."""
+    if not isinstance(values, list):
+        return
+    for index, value in enumerate(values):
+        kind = value.get("type", default) if isinstance(value, dict) else default
+        if kind not in allowed:
+            raise ValueError(
+                f"{where}[{index}]: type {kind!r} is not supported; supported: {', '.join(allowed)}"
+            )
+
+
 def _has_lone_surrogate(value: Any) -> bool:
     if isinstance(value, str):
         try:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
-from serve_app.protocol import MAX_MESSAGES, _Request
+from serve_app.protocol import MAX_MESSAGES, _Request, check_kinds
 
 _TEXT_PARTS = ("input_text", "output_text")
 _ITEM_KINDS = ("message", "function_call", "function_call_output")
@@ -31,17 +31,6 @@ _STATEFUL = {
 
 def new_response_id() -> str:
     return f"resp_{uuid.uuid4().hex}"
-
-
-def _check_kinds(values: Any, allowed: tuple[str, ...], where: str, default: str = "") -> None:
-    if not isinstance(values, list):
-        return
-    for index, value in enumerate(values):
-        kind = value.get("type", default) if isinstance(value, dict) else default
-        if kind not in allowed:
-            raise ValueError(
-                f"{where}[{index}]: type {kind!r} is not supported; supported: {', '.join(allowed)}"
-            )
 
 
 class TextPart(_Request):
@@ -73,7 +62,7 @@ class InputMessage(_Request):
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, content: Any) -> Any:
-        _check_kinds(content, _TEXT_PARTS, "content")  # input_image, input_file: refused
+        check_kinds(content, _TEXT_PARTS, "content")  # input_image, input_file: refused
         return content
 
 
@@ -96,7 +85,7 @@ class FunctionCallOutputItem(_Request):
     @field_validator("output", mode="before")
     @classmethod
     def _text_only(cls, output: Any) -> Any:
-        _check_kinds(output, _TEXT_PARTS, "output")
+        check_kinds(output, _TEXT_PARTS, "output")
         return output
 
 
@@ -178,13 +167,13 @@ class ResponsesRequest(_Request):
     def _known_items(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [{"role": "user", "content": value}]
-        _check_kinds(value, _ITEM_KINDS, "input", default="message")
+        check_kinds(value, _ITEM_KINDS, "input", default="message")
         return value
 
     @field_validator("tools", mode="before")
     @classmethod
     def _function_tools_only(cls, value: Any) -> Any:
-        _check_kinds(value, ("function",), "tools (built-in tools are not served)")
+        check_kinds(value, ("function",), "tools (built-in tools are not served)")
         return value
 
     @field_validator(*_STATEFUL, mode="before")

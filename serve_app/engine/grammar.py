@@ -92,6 +92,19 @@ class GrammarCompiler:
         self._cache: OrderedDict[Constraint, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()  # compiles run in worker threads
 
+    def start_warming(self) -> None:
+        """Builds llguidance's view of the tokenizer now, in a thread of its own (about 0.5 s
+        idle, seconds on a busy machine), so the first constrained request does not pay it."""
+        threading.Thread(target=self._warm, name="grammar-warm", daemon=True).start()
+
+    @property
+    def is_warm(self) -> bool:
+        return self._ll_tokenizer is not None
+
+    def _warm(self) -> None:
+        with self._lock:
+            self._llg_tokenizer()
+
     def compile(self, constraint: Constraint) -> CompiledGrammar:
         """Blocking; raises GrammarError with a message fit for the client."""
         with self._lock:

@@ -122,3 +122,13 @@ async def test_a_slow_compile_is_refused_and_the_engine_keeps_serving(
         engine.generate("after", prompt_ids(engine, "The"), SamplingParams(max_tokens=3))
     )
     assert outputs[-1].finish_reason in ("stop", "length")
+
+
+async def test_a_built_engine_prepares_the_grammar_tokenizer_before_any_request(
+    engine: LLMEngine,
+) -> None:
+    for _ in range(200):  # built by serve_app.loading, which starts the warm-up thread
+        if engine.grammars.is_warm:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.grammars.is_warm
