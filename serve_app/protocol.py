@@ -342,6 +342,13 @@ class CompletionRequest(_SamplingFields):
     def _integral_logprobs(cls, value: Any) -> Any:
         return _integral(value)
 
+    @field_validator("logprobs")
+    @classmethod
+    def _no_prompt_logprobs(cls, logprobs: int | None, info: ValidationInfo) -> int | None:
+        if logprobs is not None and info.data.get("echo"):
+            raise ValueError("logprobs with echo (the prompt's own logprobs) is not supported")
+        return logprobs
+
     def num_logprobs(self) -> int | None:
         return self.logprobs
 

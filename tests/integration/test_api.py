@@ -286,6 +286,7 @@ def test_invalid_parameter_is_400_naming_it(client: openai.OpenAI) -> None:
     ("extra", "param"),
     [
         ({"n": 9}, "n"),
+        ({"stream": False, "tools": [], "tool_choice": "required"}, "tool_choice"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
         ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
