@@ -38,6 +38,7 @@ from serve_app.anthropic_api import (
 from serve_app.anthropic_stream import MessagesStream
 from serve_app.config import IngressAppConfig, ModelRoute
 from serve_app.errors import (
+    APIError,
     InvalidRequestError,
     ModelNotFoundError,
 )
@@ -57,6 +58,13 @@ from serve_app.protocol import (
     EmbeddingRequest,
     ModelCard,
     TokenizeRequest,
+)
+from serve_app.rerank_api import (
+    RerankRequest,
+    ScoreRequest,
+    rename_input_error,
+    rerank_body,
+    score_body,
 )
 from serve_app.response_builder import ResponseBuilder, ResponseIds, usage
 from serve_app.responses_api import (
@@ -216,14 +224,7 @@ class Ingress:
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-        model = self._model(body.model)
-        request.state.model = model.id  # labels the error metrics (known ids only)
-        if "embeddings" not in model.capabilities:
-            raise InvalidRequestError(
-                f"Model '{model.id}' is not an embedding model.",
-                param="model",
-                code="embeddings_not_supported",
-            )
+        model = self._embedding_model(body.model, request)
         _check_embedding_options(body)
         vectors, num_tokens = await self._call_model(model.id, "embed", body.texts())
         data = [
@@ -231,6 +232,18 @@ class Ingress:
             for i, v in enumerate(vectors)
         ]
         return {"object": "list", "data": data, "model": model.id, "usage": usage(num_tokens, 0)}
+
+    @app.post("/v1/rerank")
+    @app.post("/rerank")
+    async def rerank(self, body: RerankRequest, request: Request) -> dict[str, Any]:
+        """Cohere/Jina's rerank in vLLM's shape: documents by cosine similarity to the query."""
+        return rerank_body(body, *await self._embed_all(body, request))
+
+    @app.post("/v1/score")
+    @app.post("/score")
+    async def score(self, body: ScoreRequest, request: Request) -> dict[str, Any]:
+        """vLLM's score: cosine similarity of text_1/text_2 pairs (1:1, 1:N or N:N)."""
+        return score_body(body, *await self._embed_all(body, request))
 
     @app.post("/tokenize")
     async def tokenize(self, body: TokenizeRequest, request: Request) -> dict[str, Any]:
@@ -366,6 +379,28 @@ class Ingress:
                 param="model",
             )
         return model
+
+    def _embedding_model(self, model_id: str, request: Request) -> ModelRoute:
+        model = self._model(model_id)
+        request.state.model = model.id  # labels the error metrics (known ids only)
+        if "embeddings" not in model.capabilities:
+            raise InvalidRequestError(
+                f"Model '{model.id}' is not an embedding model "
+                "(/v1/embeddings, /v1/rerank and /v1/score need one).",
+                param="model",
+                code="embeddings_not_supported",
+            )
+        return model
+
+    async def _embed_all(
+        self, body: RerankRequest | ScoreRequest, request: Request
+    ) -> tuple[list[list[float]], int]:
+        """All of a request's texts in one embed call, so the replica batches them together."""
+        model = self._embedding_model(body.model, request)
+        try:
+            return await self._call_model(model.id, "embed", body.texts())
+        except APIError as exc:  # the replica names texts `input[i]`: use this route's names
+            raise rename_input_error(exc, body.text_params()) from exc
 
     async def _call_model(self, model_id: str, method: str, *args: Any) -> Any:
         """A plain (not streamed) call of a model replica's method; its Rejected is raised."""

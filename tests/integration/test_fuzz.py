@@ -51,6 +51,8 @@ MODEL_IDS = {
     "ChatCompletionRequest": [CHAT_MODEL],
     "CompletionRequest": [CHAT_MODEL, BASE_MODEL],
     "EmbeddingRequest": [EMBED_MODEL],
+    "RerankRequest": [EMBED_MODEL],
+    "ScoreRequest": [EMBED_MODEL],
     "/v1/models/{model_id}": [CHAT_MODEL, BASE_MODEL, EMBED_MODEL],
     "/admin/models/{model_id}/stats": [CHAT_MODEL, BASE_MODEL],
 }
@@ -148,11 +150,14 @@ def test_openapi_schema_fuzz(case: Any, service_url: str) -> None:
 # ---- hand-written hostile bodies -------------------------------------------------------------
 
 CHAT_PATH, COMPLETIONS_PATH, EMBEDDINGS_PATH = GENERATION_PATHS + ("/v1/embeddings",)
+RERANK_PATH, SCORE_PATH = "/v1/rerank", "/v1/score"
 HI = [{"role": "user", "content": "hi"}]
 VALID = {
     CHAT_PATH: {"model": CHAT_MODEL, "messages": HI, "max_tokens": 2},
     COMPLETIONS_PATH: {"model": CHAT_MODEL, "prompt": "Hello", "max_tokens": 2},
     EMBEDDINGS_PATH: {"model": EMBED_MODEL, "input": "Hello"},
+    RERANK_PATH: {"model": EMBED_MODEL, "query": "Hello", "documents": ["Hi", "Bye"]},
+    SCORE_PATH: {"model": EMBED_MODEL, "text_1": "Hello", "text_2": ["Hi", "Bye"]},
 }
 JSON_HEADERS = {"content-type": "application/json"}
 
@@ -208,6 +213,18 @@ WRONG_VALUES: dict[str, dict[str, list[Any]]] = {
         "dimensions": _INT + [0, 64],
         "user": _STR,
     },
+    RERANK_PATH: {
+        "model": _STR + [None, ""],
+        "query": _STR + [None, "", ["Hello"]],
+        "documents": ["Hi", 1, {}, None, [], [1], [""], [None], ["d"] * 1001],
+        "top_n": _INT + [-1],
+        "return_documents": _BOOL,
+    },
+    SCORE_PATH: {
+        "model": _STR + [None, ""],
+        "text_1": [1, True, {}, None, "", [], [1], [""], ["a"] * 1001],
+        "text_2": [1, True, {}, None, "", [], [1], [""], ["b"] * 1001],
+    },
 }
 
 
@@ -229,11 +246,14 @@ def post_raw(url: str, content: bytes, headers: dict[str, str] | None = None) ->
 
 def test_wrong_types_for_every_field_are_400_naming_it(service_url: str) -> None:
     from serve_app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+    from serve_app.rerank_api import RerankRequest, ScoreRequest
 
     models = {
         CHAT_PATH: ChatCompletionRequest,
         COMPLETIONS_PATH: CompletionRequest,
         EMBEDDINGS_PATH: EmbeddingRequest,
+        RERANK_PATH: RerankRequest,
+        SCORE_PATH: ScoreRequest,
     }
     num_sent = 0
     with httpx.Client(base_url=service_url, timeout=60) as client:
@@ -244,7 +264,7 @@ def test_wrong_types_for_every_field_are_400_naming_it(service_url: str) -> None
                     response = client.post(path, json={**VALID[path], field: value})
                     assert_openai_error(response, 400, field)
                     num_sent += 1
-    assert num_sent >= 200  # 251 today: 46 fields, 3-11 wrong values each
+    assert num_sent >= 300  # 349 today: 59 fields, 3-11 wrong values each
 
 
 @pytest.mark.parametrize("path", [CHAT_PATH, COMPLETIONS_PATH, EMBEDDINGS_PATH])
@@ -301,6 +321,9 @@ def test_utf8_encoded_surrogate_is_400(service_url: str) -> None:
         (COMPLETIONS_PATH, "prompt", ["\ud800"]),
         (EMBEDDINGS_PATH, "input", ["ok", "\ud800"]),
         (EMBEDDINGS_PATH, "model", "\ud800"),
+        (RERANK_PATH, "documents", ["ok", "\ud800"]),
+        (RERANK_PATH, "query", "\udc00"),
+        (SCORE_PATH, "text_2", ["ok", "\ud800"]),
     ],
 )
 def test_lone_surrogates_are_400_not_a_failed_model(
@@ -341,7 +364,7 @@ def test_bodies_that_are_not_a_request_object_are_400(
     service_url: str, content: bytes, content_type: str | None
 ) -> None:
     headers = {"content-type": content_type} if content_type else {}
-    for path in (CHAT_PATH, COMPLETIONS_PATH, EMBEDDINGS_PATH):
+    for path in (CHAT_PATH, COMPLETIONS_PATH, EMBEDDINGS_PATH, RERANK_PATH, SCORE_PATH):
         assert_openai_error(post_raw(f"{service_url}{path}", content, headers), 400)
 
 
@@ -359,6 +382,7 @@ def test_nan_and_infinity_are_400(service_url: str, literal: bytes) -> None:
         ],
         COMPLETIONS_PATH: ["temperature", "top_p", "max_tokens"],
         EMBEDDINGS_PATH: ["dimensions"],
+        RERANK_PATH: ["top_n"],
     }
     for path, names in fields.items():
         for name in names:
