@@ -42,7 +42,7 @@ def build_ingress_app(args: dict[str, Any]) -> Application:
     """The ingress alone; `args` is `{models: [{id, kind}], ingress}` (IngressAppConfig)."""
     config = IngressAppConfig.model_validate(args)
     ingress = IngressDeployment.options(**serve_options(config.ingress.deployment))
-    return ingress.bind(config.model_dump(mode="json"), None)
+    return ingress.bind(config.model_dump(mode="json"))
 
 
 def _model_app(model: ModelConfig, cache_dir: str) -> Application:

@@ -10,25 +10,23 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.admin import metrics_export_targets, serve_status_summary
 from deployments.auth import ApiKeys, BearerAuth, load_api_keys
 from deployments.body_limit import BodySizeLimit
 from deployments.http_errors import install_error_handlers, upstream_error
+from deployments.model_calls import ModelCalls
 from deployments.readiness import ModelReadiness
 from deployments.static import not_found, static_file
-from deployments.streaming import cancel, chat_chunks, collect, sse_events, translated_events
 from serve_app.anthropic_api import (
     MessagesRequest,
     chat_body_from_messages,
@@ -43,9 +41,6 @@ from serve_app.errors import (
     ModelNotFoundError,
 )
 from serve_app.openai_adapter import (
-    Admitted,
-    GenerateCall,
-    Rejected,
     chat_call,
     completion_call,
     new_request_id,
@@ -66,7 +61,8 @@ from serve_app.rerank_api import (
     rerank_body,
     score_body,
 )
-from serve_app.response_builder import ResponseBuilder, ResponseIds, usage
+from serve_app.response_builder import usage
+from serve_app.response_types import ChatCompletionResponse, CompletionResponse
 from serve_app.responses_api import (
     ResponsesRequest,
     chat_body_from_responses,
@@ -77,7 +73,6 @@ from serve_app.responses_stream import ResponsesStream
 
 logger = logging.getLogger(__name__)
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
 MAX_BODY_BYTES = int(os.environ.get("SERVE_APP_MAX_BODY_BYTES", 4 * 1024 * 1024))
@@ -140,20 +135,15 @@ _ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 class Ingress:
-    def __init__(
-        self, app_config: dict[str, Any], model_handles: dict[str, DeploymentHandle] | None
-    ):
-        """`app_config`: IngressAppConfig's fields. `model_handles`: the models bound into the
-        same application (build_app); None reaches each model's own application by its id."""
+    def __init__(self, app_config: dict[str, Any]):
+        """`app_config`: IngressAppConfig's fields (the routing table and ingress options)."""
         self.config = IngressAppConfig.model_validate(app_config)
-        if model_handles is None:
-            ids = [m.id for m in self.config.models]
-            model_handles = {model_id: DeploymentHandle(model_id, model_id) for model_id in ids}
-        self.handles = model_handles
+        self.calls = ModelCalls(
+            [m.id for m in self.config.models], self.config.ingress.request_timeout_s
+        )
         self.started_at = int(time.time())
-        self.readiness = ModelReadiness(lambda model_id: self.handles[model_id].info.remote())
+        self.readiness = ModelReadiness(lambda model_id: self.calls.call_info(model_id))
         self.api_keys = load_api_keys(self.config.ingress.api_keys)  # read by BearerAuth
-        self.timeout_s = self.config.ingress.request_timeout_s
 
     # ---- routes ------------------------------------------------------------------------
 
@@ -179,11 +169,11 @@ class Ingress:
         ready = await self.readiness.ready([model_id])
         return self._card(model, ready[model_id]).model_dump()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}})
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         model = self._chat_model(body.model, request)
         call = chat_call(body, new_request_id())
-        return await self._generate(model, call, body.stream, body.include_usage)
+        return await self.calls.generate(model, call, body.stream, body.include_usage)
 
     @app.post("/v1/responses")
     async def responses(self, body: ResponsesRequest, request: Request) -> Response:
@@ -195,7 +185,7 @@ class Ingress:
         def to_body(completion: dict[str, Any]) -> dict[str, Any]:
             return response_from_chat(completion, body, response_id)
 
-        return await self._translated(model, chat, to_body, ResponsesStream(body, response_id))
+        return await self.calls.translated(model, chat, to_body, ResponsesStream(body, response_id))
 
     @app.post("/v1/messages")
     async def messages(self, body: MessagesRequest, request: Request) -> Response:
@@ -207,9 +197,9 @@ class Ingress:
         def to_body(completion: dict[str, Any]) -> dict[str, Any]:
             return message_from_chat(completion, body, message_id)
 
-        return await self._translated(model, chat, to_body, MessagesStream(body, message_id))
+        return await self.calls.translated(model, chat, to_body, MessagesStream(body, message_id))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}})
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         model = self._model(body.model)
         request.state.model = model.id  # labels the error metrics (known ids only)
@@ -220,13 +210,13 @@ class Ingress:
                 code="completions_not_supported",
             )
         call = completion_call(body, new_request_id())
-        return await self._generate(model, call, body.stream, body.include_usage)
+        return await self.calls.generate(model, call, body.stream, body.include_usage)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict[str, Any]:
         model = self._embedding_model(body.model, request)
         _check_embedding_options(body)
-        vectors, num_tokens = await self._call_model(model.id, "embed", body.texts())
+        vectors, num_tokens = await self.calls.call(model.id, "embed", body.texts())
         data = [
             {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
             for i, v in enumerate(vectors)
@@ -254,12 +244,12 @@ class Ingress:
                 f"Model '{model.id}' has no chat template; send a prompt.", param="messages"
             )
         call = tokenize_call(body, new_request_id())
-        return await self._call_model(model.id, "tokenize", call, body.add_special_tokens)
+        return await self.calls.call(model.id, "tokenize", call, body.add_special_tokens)
 
     @app.post("/detokenize")
     async def detokenize(self, body: DetokenizeRequest, request: Request) -> dict[str, Any]:
         model = self._generative_model(body.model, request)
-        return await self._call_model(model.id, "detokenize", body.tokens)
+        return await self.calls.call(model.id, "detokenize", body.tokens)
 
     @app.get("/admin/models/{model_id}/stats")
     async def model_stats(self, model_id: str) -> dict[str, Any]:
@@ -267,7 +257,7 @@ class Ingress:
         if model.kind == "embedding":
             raise InvalidRequestError("stats are kept for generative models", param="model_id")
         try:
-            result: dict[str, Any] = await self.handles[model_id].stats.remote()
+            result: dict[str, Any] = await self.calls.handles[model_id].stats.remote()
         except Exception as exc:  # replica dead or restarting: 503, not a bare 500
             raise upstream_error(model_id, exc) from exc
         return result
@@ -290,71 +280,6 @@ class Ingress:
         if request.method not in ("GET", "HEAD"):
             raise not_found(path)
         return static_file(FRONTEND_DIR, path)
-
-    # ---- generation --------------------------------------------------------------------
-
-    async def _generate(
-        self, model: ModelRoute, call: GenerateCall, is_stream: bool, include_usage: bool
-    ) -> Response:
-        stream, builder = await self._start(model, call)
-        headers = {"X-Request-Id": call.request_id}
-        if not is_stream:
-            body = await collect(stream, builder, self.timeout_s)
-            return JSONResponse(body, headers=headers)
-        events = sse_events(chat_chunks(stream, builder, include_usage, self.timeout_s))
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
-        )
-
-    async def _translated(
-        self,
-        model: ModelRoute,
-        body: ChatCompletionRequest,
-        to_body: Callable[[dict[str, Any]], dict[str, Any]],
-        translator: ResponsesStream | MessagesStream,
-    ) -> Response:
-        """A chat generation answered in another API's shape (its body or its SSE events)."""
-        call = chat_call(body, new_request_id())
-        stream, builder = await self._start(model, call)
-        headers = {"X-Request-Id": call.request_id}
-        if not body.stream:
-            completion = await collect(stream, builder, self.timeout_s)
-            return JSONResponse(to_body(completion), headers=headers)
-        chunks = chat_chunks(stream, builder, True, self.timeout_s)
-        return StreamingResponse(
-            translated_events(chunks, translator),
-            media_type="text/event-stream",
-            headers={**SSE_HEADERS, **headers},
-        )
-
-    async def _start(
-        self, model: ModelRoute, call: GenerateCall
-    ) -> tuple[DeploymentResponseGenerator, ResponseBuilder]:
-        """Sends the call; returns its stream once the replica admitted it (errors raised)."""
-        handle = self.handles[model.id].options(stream=True)
-        stream: DeploymentResponseGenerator | None = None
-        try:
-            # Routing errors (backpressure, no live replica) surface in remote() or the first item.
-            stream = cast(DeploymentResponseGenerator, handle.generate.remote(call))
-            first = await stream.__anext__()
-        except Exception as exc:
-            cancel(stream)
-            raise upstream_error(model.id, exc) from exc
-        except BaseException:  # cancelled while waiting: do not leave the call queued
-            cancel(stream)
-            raise
-        if isinstance(first, Rejected):
-            raise first.to_error()
-        assert isinstance(first, Admitted) and stream is not None
-        builder = ResponseBuilder(
-            ResponseIds(call.request_id, model.id, call.endpoint),
-            first.num_prompt_tokens,
-            call.num_choices,
-            has_tools=call.constraint_param == "tools",
-            echo_text=first.echo_text,
-            has_logprobs=call.sampling.logprobs is not None,
-        )
-        return stream, builder
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -398,19 +323,9 @@ class Ingress:
         """All of a request's texts in one embed call, so the replica batches them together."""
         model = self._embedding_model(body.model, request)
         try:
-            return await self._call_model(model.id, "embed", body.texts())
+            return await self.calls.call(model.id, "embed", body.texts())
         except APIError as exc:  # the replica names texts `input[i]`: use this route's names
             raise rename_input_error(exc, body.text_params()) from exc
-
-    async def _call_model(self, model_id: str, method: str, *args: Any) -> Any:
-        """A plain (not streamed) call of a model replica's method; its Rejected is raised."""
-        try:
-            result = await getattr(self.handles[model_id], method).remote(*args)
-        except Exception as exc:
-            raise upstream_error(model_id, exc) from exc
-        if isinstance(result, Rejected):
-            raise result.to_error()
-        return result
 
     def _model(self, model_id: str) -> ModelRoute:
         model = self.config.model(model_id)

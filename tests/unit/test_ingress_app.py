@@ -108,7 +108,8 @@ def make_client(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., TestC
                 "request_timeout_s": timeout_s,
             },
         }
-        ingress = Ingress(config, {MODEL: handle})  # type: ignore[dict-item]
+        ingress = Ingress(config)
+        ingress.calls.handles = {MODEL: handle}  # type: ignore[dict-item]
         context = SimpleNamespace(servable_object=ingress)
         monkeypatch.setattr(serve, "get_replica_context", lambda: context)
         client = TestClient(app, raise_server_exceptions=False)
