@@ -3,6 +3,8 @@
 One `ResponseBuilder` per response keeps a `ChoiceState` per choice: its text, logprobs,
 finish reason, and with tools the parser that turns the model's JSON answer into content
 and `tool_calls` (serve_app/tool_calls.py), so raw tool markup never reaches `content`.
+The replica has already cut `<think>` text out into `RequestOutput.reasoning` (serve_app/
+reasoning.py); it goes out as `reasoning_content`, vLLM's extension, in deltas and the message.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class ChoiceState:
     def __init__(self, index: int, has_tools: bool, echo_text: str) -> None:
         self.index = index
         self.parts: list[str] = [echo_text] if echo_text else []
+        self.reasoning_parts: list[str] = []
         self.logprobs: list[TokenLogprob] = []
         self.tool_parser = ToolOutputParser() if has_tools else None
         self.finish_reason: str | None = None
@@ -74,12 +77,17 @@ class ChoiceState:
 
     def add(self, output: RequestOutput) -> ToolDelta | None:
         self.parts.append(output.text)
+        self.reasoning_parts.append(output.reasoning)
         self.logprobs.extend(output.logprobs or [])
         self.num_generated = output.num_generated_tokens
         if output.finish_reason is not None:
             self.finish_reason = str(output.finish_reason)
             self.error = output.error
         return self.tool_parser.feed(output.text) if self.tool_parser else None
+
+    @property
+    def reasoning(self) -> str | None:
+        return "".join(self.reasoning_parts) or None
 
     @property
     def tool_calls(self) -> list[ParsedCall]:
@@ -166,6 +174,8 @@ class ResponseBuilder:
         self, choice: ChoiceState, output: RequestOutput, tool_delta: ToolDelta | None
     ) -> dict[str, Any] | None:
         delta = ChatDelta()
+        if output.reasoning:
+            delta.reasoning_content = output.reasoning
         if tool_delta is None:
             if output.text:
                 delta.content = output.text
@@ -211,6 +221,8 @@ class ResponseBuilder:
 
     def _final_chat_choice(self, choice: ChoiceState) -> ChatChoice:
         message = AssistantMessage(role="assistant", content=choice.content)
+        if choice.reasoning is not None:
+            message.reasoning_content = choice.reasoning
         if choice.tool_calls:
             message.tool_calls = [_tool_call(call) for call in choice.tool_calls]
         return ChatChoice(

@@ -4,6 +4,7 @@ ingress builds from them."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from serve_app.config import EngineOptions, ModelConfig
 from serve_app.engine.types import Constraint, FinishReason, RequestOutput, SamplingParams
 from serve_app.openai_adapter import Admitted, ChoiceOutput, GenerateCall
 from serve_app.reasoning import ThinkTagSplitter, reasoning_splitter
+from serve_app.response_builder import ResponseBuilder, ResponseIds
+from serve_app.response_types import ChatCompletionChunk, ChatCompletionResponse
 from tests.unit.conftest import tiny_model_config
 
 ANSWER = "pre <think>let me see</think>the answer"
@@ -162,3 +165,55 @@ async def test_each_of_n_choices_has_its_own_split(tiny_model_dir: Path, tmp_pat
             assert re.fullmatch("[a-z]{3,8}", "".join(o.text for o in outputs))
     finally:
         server.engine.shutdown()
+
+
+# ---- the ingress's chunks and bodies ----------------------------------------------------
+
+
+def delta(reasoning: str, text: str, num: int, reason: FinishReason | None = None) -> RequestOutput:
+    return RequestOutput("r", text, 5, num, reason, reasoning=reasoning)
+
+
+def test_reasoning_streams_as_its_own_deltas_and_ends_in_the_message() -> None:
+    builder = ResponseBuilder(ResponseIds("r", "m", "chat", created=1), 5)
+    thinking = builder.add(0, delta("hm, ", "", 1))
+    more = builder.add(0, delta("yes", "", 2))
+    held = builder.add(0, delta("", "", 3))  # the replica held a partial tag back
+    answer = builder.add(0, delta("", "Yes.", 5, FinishReason.STOP))
+    assert held is None
+    sent = [chunk for chunk in (thinking, more, answer) if chunk is not None]
+    assert [chunk["choices"][0]["delta"] for chunk in sent] == [
+        {"reasoning_content": "hm, "},
+        {"reasoning_content": "yes"},
+        {"content": "Yes."},
+    ]
+    assert sent[-1]["choices"][0]["finish_reason"] == "stop"
+    for chunk in sent:
+        ChatCompletionChunk.model_validate(chunk)
+    body = builder.response()
+    ChatCompletionResponse.model_validate(body)
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "Yes.",
+        "reasoning_content": "hm, yes",
+    }
+
+
+def test_choices_keep_their_own_reasoning_and_none_sends_no_field() -> None:
+    builder = ResponseBuilder(ResponseIds("r", "m", "chat", created=1), 5, 2)
+    builder.add(0, delta("a", "x", 2, FinishReason.STOP))
+    chunk = builder.add(1, delta("", "y", 1, FinishReason.STOP))
+    assert chunk is not None and "reasoning_content" not in chunk["choices"][0]["delta"]
+    first, second = (choice["message"] for choice in builder.response()["choices"])
+    assert first == {"role": "assistant", "content": "x", "reasoning_content": "a"}
+    assert second == {"role": "assistant", "content": "y"}
+
+
+def test_reasoning_then_a_tool_call_keeps_both_out_of_content() -> None:
+    builder = ResponseBuilder(ResponseIds("r", "m", "chat", created=1), 5, has_tools=True)
+    call = json.dumps({"tool_calls": [{"name": "f", "arguments": {"x": 1}}]})
+    builder.add(0, delta("need f", "", 2))
+    builder.add(0, delta("", call, 9, FinishReason.STOP))
+    message = builder.response()["choices"][0]["message"]
+    assert message["content"] is None and message["reasoning_content"] == "need f"
+    assert message["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
