@@ -139,11 +139,19 @@ class TextConfig(_Request):
     ) = None
 
 
+def _also_a_string(schema: dict[str, Any]) -> None:
+    """The documented schema of `input`: a string, or the list of items it stands for."""
+    items = {key: schema.pop(key) for key in list(schema) if key not in ("title", "description")}
+    schema["anyOf"] = [{"type": "string"}, items]
+
+
 class ResponsesRequest(_Request):
     """The body of POST /v1/responses; the fields we do not serve are refused by name."""
 
     model: str = Field(min_length=1)
-    input: list[InputItem] = Field(min_length=1, max_length=MAX_MESSAGES)  # a str: one user item
+    input: list[InputItem] = Field(  # a str becomes one user message item
+        min_length=1, max_length=MAX_MESSAGES, json_schema_extra=_also_a_string
+    )
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -160,7 +168,8 @@ class ResponsesRequest(_Request):
     previous_response_id: None = None
     conversation: None = None
     prompt: None = None
-    background: None = None
+    # false is accepted (it is what we do); the schema says so, so fuzzers send it as valid.
+    background: Literal[False] | None = None  # the before-validator refuses 0 (== False)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -180,7 +189,7 @@ class ResponsesRequest(_Request):
     @classmethod
     def _refuse_stateful(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None or (info.field_name == "background" and value is False):
-            return None
+            return value
         raise ValueError(f"{info.field_name} is not supported: {_STATEFUL[str(info.field_name)]}")
 
 

@@ -51,6 +51,10 @@ MODEL_IDS = {
     "ChatCompletionRequest": [CHAT_MODEL],
     "CompletionRequest": [CHAT_MODEL, BASE_MODEL],
     "EmbeddingRequest": [EMBED_MODEL],
+    "ResponsesRequest": [CHAT_MODEL],
+    "MessagesRequest": [CHAT_MODEL],
+    "TokenizeRequest": [CHAT_MODEL, BASE_MODEL],
+    "DetokenizeRequest": [CHAT_MODEL, BASE_MODEL],
     "RerankRequest": [EMBED_MODEL],
     "ScoreRequest": [EMBED_MODEL],
     "/v1/models/{model_id}": [CHAT_MODEL, BASE_MODEL, EMBED_MODEL],
@@ -69,7 +73,9 @@ def fuzzed_schema() -> dict[str, Any]:
     return raw
 
 
-schema = schemathesis.openapi.from_dict(fuzzed_schema()).include(path_regex=r"^/(v1|admin|health)")
+schema = schemathesis.openapi.from_dict(fuzzed_schema()).include(
+    path_regex=r"^/(v1|admin|health|tokenize|detokenize)"
+)
 
 
 def test_served_schema_is_the_fuzzed_schema(service_url: str) -> None:
@@ -90,16 +96,35 @@ def openai_error_shape(ctx: Any, response: Any, case: Any) -> bool | None:
     return True
 
 
+# The last event of a 200 stream: OpenAI's [DONE], or the translated APIs' closing events.
+_LAST_EVENTS = {
+    "/v1/responses": ("response.completed", "response.incomplete", "response.failed", "error"),
+    "/v1/messages": ("message_stop", "error"),
+}
+
+
 @schemathesis.check
 def stream_ends_with_done(ctx: Any, response: Any, case: Any) -> bool | None:
-    """A 200 event stream always ends with `data: [DONE]`."""
+    """A 200 event stream always ends: `data: [DONE]`, or the API's own closing event."""
     if response.status_code != 200:
         return None
     if not response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
         return None
     events = list(iter_data(response.content.decode().splitlines()))
-    assert events and events[-1] == "[DONE]", events[-3:]
+    assert events, "an empty stream"
+    if case.path in _LAST_EVENTS:
+        assert json.loads(events[-1])["type"] in _LAST_EVENTS[case.path], events[-3:]
+    else:
+        assert events[-1] == "[DONE]", events[-3:]
     return True
+
+
+_TOKEN_LIMITS = {  # per generating route, the fields that cap its tokens (the default first)
+    "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+    "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",),
+    "/v1/messages": ("max_tokens",),
+}
 
 
 def bound_generation(case: Any) -> None:
@@ -107,16 +132,20 @@ def bound_generation(case: Any) -> None:
     cap are lowered, so a negative case keeps its invalid value) and, in positive cases only,
     the prompt (1024 empty messages is valid but a minute of prefill on two busy cores; long
     prompts are the hand-written cases' and test_api's business)."""
-    if case.path not in GENERATION_PATHS or not isinstance(case.body, dict):
+    fields = _TOKEN_LIMITS.get(case.path)
+    if fields is None or not isinstance(case.body, dict):
         return
     body = case.body
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in fields:
         value = body.get(field)
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_FUZZ_TOKENS:
             body[field] = MAX_FUZZ_TOKENS
-    body.setdefault("max_tokens", MAX_FUZZ_TOKENS)
+    if case.path != "/v1/messages" and body.get(fields[0]) is None:
+        # Missing or an explicit null: the model's default (1024 tokens) would outlast the
+        # request timeout. (/v1/messages requires max_tokens: a missing one is the case.)
+        body[fields[0]] = MAX_FUZZ_TOKENS
     if case.meta is not None and case.meta.generation.mode.is_positive:
-        for field in ("messages", "prompt"):
+        for field in ("messages", "prompt", "input"):
             if isinstance(body.get(field), list):
                 body[field] = body[field][:MAX_FUZZ_LIST_ITEMS]
 
