@@ -25,6 +25,13 @@ from serve_app.responses_api import (
     response_from_chat,
 )
 from serve_app.responses_stream import ResponsesStream
+from tests.unit.chat_completions import (
+    call_chunks,
+    chunk,
+    completion,
+    text_chunks,
+    tool_call,
+)
 
 WEATHER_TOOL = {
     "type": "function",
@@ -33,62 +40,10 @@ WEATHER_TOOL = {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
     "strict": True,
 }
-USAGE = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
 
 
 def request(**fields: Any) -> ResponsesRequest:
     return ResponsesRequest.model_validate({"model": "m", "input": "hi", **fields})
-
-
-def completion(
-    text: str | None, tool_calls: list[dict[str, Any]] | None = None, finish: str = "stop"
-) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1700000000,
-        "model": "m",
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-        "usage": USAGE,
-    }
-
-
-def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
-    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-
-
-def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-            "choices": [choice]}  # fmt: skip
-
-
-def usage_chunk() -> dict[str, Any]:
-    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-            "choices": [], "usage": USAGE}  # fmt: skip
-
-
-def text_chunks(*pieces: str, finish: str = "stop") -> list[dict[str, Any]]:
-    chunks = [chunk({"role": "assistant", "content": ""})]
-    chunks += [chunk({"content": piece}) for piece in pieces]
-    return [*chunks, chunk({}, finish), usage_chunk()]
-
-
-def call_chunks() -> list[dict[str, Any]]:
-    first = {"index": 0, "id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
-    return [
-        chunk({"role": "assistant", "content": ""}),
-        chunk({"content": "Let me check."}),
-        chunk({"tool_calls": [first]}),
-        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
-        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
-        chunk({}, "tool_calls"),
-        usage_chunk(),
-    ]
 
 
 def sse(req: ResponsesRequest, chunks: list[dict[str, Any]]) -> bytes:
@@ -456,7 +411,7 @@ def test_sdk_stream_yields_the_typed_events_in_order() -> None:
 
 
 def test_sdk_stream_helper_accumulates_text_and_a_function_call() -> None:
-    server = Server(lambda req, body: call_chunks())
+    server = Server(lambda req, body: call_chunks("Let me check.", parallel=False))
     with sdk(server).responses.stream(model="m", input="weather?", tools=[WEATHER_TOOL]) as stream:  # type: ignore[list-item]
         types = [event.type for event in stream]
         final = stream.get_final_response()
@@ -476,7 +431,7 @@ def test_sdk_stream_helper_accumulates_text_and_a_function_call() -> None:
 
 
 def test_stream_events_carry_item_ids_and_indexes() -> None:
-    events = parse_events(sse(request(), call_chunks()))
+    events = parse_events(sse(request(), call_chunks("Let me check.", parallel=False)))
     by_type = {event["type"]: event for event in events}
     message_id = by_type["response.content_part.added"]["item_id"]
     assert by_type["response.output_text.delta"]["item_id"] == message_id
