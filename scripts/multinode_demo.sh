@@ -139,7 +139,9 @@ config["http_options"] = {"host": "127.0.0.1", "port": $HTTP_PORT}
 for model_id, model in model_entries(config).items():
     options = model["deployment"]["ray_actor_options"]
     options["resources"] = {pins[model_id]: 0.01}
-    model["engine"].update(torch_threads=1, max_num_seqs=min(4, model["engine"].get("max_num_seqs", 4)))
+    model["engine"]["torch_threads"] = 1
+    if model["kind"] != "embedding":  # an embedding model has no batch of sequences
+        model["engine"]["max_num_seqs"] = min(4, model["engine"].get("max_num_seqs", 4))
 ingress_deployment(config)["ray_actor_options"]["resources"] = {"head_node": 0.01}
 yaml.safe_dump(config, open(sys.argv[1], "w"), sort_keys=False)
 EOF
