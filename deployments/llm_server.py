@@ -6,7 +6,6 @@ was admitted (prompt token count) or rejected (an API error), then engine deltas
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
@@ -17,7 +16,7 @@ from ray import serve
 
 from deployments.metrics import RequestTimer, record_engine_stats
 from deployments.model_replica import ModelReplica
-from serve_app.engine.types import FinishReason, RequestOutput, SamplingParams
+from serve_app.engine.types import RequestOutput, SamplingParams
 from serve_app.errors import APIError, InvalidRequestError
 from serve_app.openai_adapter import (
     Admitted,
@@ -110,34 +109,23 @@ class LLMServer(ModelReplica["LLMEngine"]):
         params: SamplingParams,
         grammar: CompiledGrammar | None,
     ) -> AsyncIterator[ChoiceOutput]:
-        """n engine requests submitted together (so one prefill serves them all), their
-        outputs interleaved. A seeded request seeds choice i with seed + i."""
-        ready: asyncio.Queue[ChoiceOutput] = asyncio.Queue()
-
-        async def run(index: int) -> None:
-            seed = None if params.seed is None else params.seed + index
-            choice_params = dataclasses.replace(params, seed=seed)
-            request_id = f"{call.request_id}-{index}"
-            try:
-                async for output in self._timed(
-                    engine, request_id, prompt_ids, choice_params, grammar, self._reasoning(call)
-                ):
-                    ready.put_nowait(ChoiceOutput(index, output))
-            except Exception as exc:  # never leave the merged stream waiting for this choice
-                failed = RequestOutput(request_id, "", len(prompt_ids), 0, FinishReason.ERROR)
-                failed.error = f"choice {index} failed: {exc}"
-                ready.put_nowait(ChoiceOutput(index, failed))
-
-        tasks = [asyncio.create_task(run(index)) for index in range(call.num_choices)]
+        """n choices queued together (so one prefill serves them all), their outputs
+        interleaved as they come. A seeded request seeds choice i with seed + i."""
+        seeds = [None if params.seed is None else params.seed + i for i in range(call.num_choices)]
+        choice_params = [dataclasses.replace(params, seed=seed) for seed in seeds]
+        timers = [RequestTimer(self.config.id) for _ in choice_params]
+        splitters = [reasoning_splitter(self._reasoning(call)) for _ in choice_params]
+        choices = engine.generate_choices(call.request_id, prompt_ids, choice_params, grammar)
         try:
-            num_finished = 0
-            while num_finished < call.num_choices:
-                choice = await ready.get()
-                num_finished += choice.output.is_finished
-                yield choice
+            async for index, output in choices:
+                timers[index].observe(output)
+                splitter = splitters[index]
+                yield ChoiceOutput(index, output if splitter is None else splitter.split(output))
         finally:
-            for task in tasks:  # cancelling a choice's generator aborts it in the engine
-                task.cancel()
+            await choices.aclose()  # aborts the choices still running
+            for timer in timers:
+                if not timer.is_finished:
+                    timer.cancelled()
 
     def _reasoning(self, call: GenerateCall) -> ReasoningParser | None:
         """The model's reasoning parser, for chat calls only (completions stay raw, as vLLM's)."""

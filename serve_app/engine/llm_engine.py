@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import torch
@@ -130,8 +130,18 @@ class LLMEngine:
         grammar: CompiledGrammar | None = None,
     ) -> None:
         """Queues a request; `grammar` (from compile_grammar) constrains its output."""
+        self._inbox.put(("add", [self._sequence(request_id, prompt_ids, params, sink, grammar)]))
+
+    def _sequence(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: OutputSink,
+        grammar: CompiledGrammar | None,
+    ) -> Sequence:
         max_tokens = params.max_tokens or (self.max_model_len - len(prompt_ids))
-        seq = Sequence(
+        return Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
             max_tokens=max(1, min(max_tokens, self.max_model_len - len(prompt_ids))),
@@ -142,7 +152,6 @@ class LLMEngine:
             submitted_at=time.monotonic(),
             grammar=grammar.new_row() if grammar is not None else None,
         )
-        self._inbox.put(("add", seq))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -173,6 +182,41 @@ class LLMEngine:
         finally:
             if not is_finished:  # consumer went away (client disconnect, cancel)
                 self.abort(request_id)
+
+    async def generate_choices(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        choice_params: list[SamplingParams],
+        grammar: CompiledGrammar | None = None,
+    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        """n choices of one prompt ("{request_id}-{i}"), queued in one message so they share
+        one prefill; yields (choice index, delta) as they come. Closing it aborts the rest."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+
+        def sink_of(index: int) -> OutputSink:
+            def sink(output: RequestOutput) -> None:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(ready.put_nowait, (index, output))
+
+            return sink
+
+        seqs = [
+            self._sequence(f"{request_id}-{i}", prompt_ids, params, sink_of(i), grammar)
+            for i, params in enumerate(choice_params)
+        ]
+        self._inbox.put(("add", seqs))
+        unfinished = set(range(len(seqs)))
+        try:
+            while unfinished:
+                index, output = await ready.get()
+                if output.is_finished:
+                    unfinished.discard(index)
+                yield index, output
+        finally:
+            for index in unfinished:  # consumer went away: free the choices still running
+                self.abort(seqs[index].request_id)
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
@@ -268,8 +312,9 @@ class LLMEngine:
         except queue.Empty:
             return
         while True:
-            if command == "add":
-                self.scheduler.add(arg)
+            if command == "add":  # one or more sequences (n choices arrive together)
+                for seq in arg:
+                    self.scheduler.add(seq)
             elif command == "abort":
                 self.scheduler.abort(arg)
             try:

@@ -87,6 +87,7 @@ class Scheduler:
         if self.chunked is not None:
             return SchedulerOutput(chunk=self._next_chunk(self.chunked))
         group: list[Sequence] = []
+        prompts: set[tuple[int, ...]] = set()  # identical prompts are computed once (n > 1)
         while self.waiting and len(self.running) + len(group) < self.max_num_seqs:
             head = self.waiting[0]
             self._lookup_once(head)
@@ -95,9 +96,12 @@ class Scheduler:
                     break  # its chunks start next iteration
                 self.chunked = self._admit(self.waiting.popleft())
                 return SchedulerOutput(chunk=self._next_chunk(self.chunked))
+            key = (head.num_computed, *head.prompt_ids)
+            num_rows = len(prompts) + (key not in prompts)
             longest = max(seq.num_to_compute for seq in [head, *group])
-            if group and longest * (len(group) + 1) > self.max_prefill_tokens:
+            if group and longest * num_rows > self.max_prefill_tokens:
                 break
+            prompts.add(key)
             group.append(self._admit(self.waiting.popleft()))
         return SchedulerOutput(group=group)
 

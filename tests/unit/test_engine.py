@@ -457,3 +457,24 @@ async def test_a_consumer_that_falls_behind_gets_the_ready_text_merged(engine: L
     assert joined(merged) == joined(every) and len(merged) < len(every)
     assert merged[-1].finish_reason == every[-1].finish_reason
     assert merged[-1].num_generated_tokens == every[-1].num_generated_tokens
+
+
+async def test_choices_from_an_idle_engine_share_one_prefill(engine: LLMEngine) -> None:
+    """generate_choices queues the n choices in one message: one group, one prefill row."""
+    prefill_rows: list[int] = []
+    real_forward = engine.runner.model.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["input_ids"].shape[1] > 1:  # a prefill, not a decode step
+            prefill_rows.append(int(kwargs["input_ids"].shape[0]))
+        return real_forward(*args, **kwargs)
+
+    engine.runner.model.forward = spy  # type: ignore[method-assign]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=6) for i in range(3)]
+    texts = ["", "", ""]
+    ids = prompt_ids(engine, PROMPTS[0])
+    async for index, output in engine.generate_choices("n", ids, params):
+        texts[index] += output.text
+    assert prefill_rows == [1] and all(texts)
+    alone = await collect(engine, "seed-1", PROMPTS[0], temperature=1.0, seed=1, max_tokens=6)
+    assert texts[1] == joined(alone)  # a choice is the request it would be on its own

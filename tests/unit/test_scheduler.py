@@ -14,7 +14,7 @@ from serve_app.engine.types import FinishReason
 def seq(request_id: str, num_prompt: int, num_cached: int = 0) -> Sequence:
     built = Sequence(
         request_id=request_id,
-        prompt_ids=list(range(num_prompt)),
+        prompt_ids=[sum(map(ord, request_id)) * 1000 + i for i in range(num_prompt)],  # distinct
         max_tokens=8,
         sampler=Any,  # type: ignore[arg-type]  # the scheduler never samples
         detokenizer=Any,  # type: ignore[arg-type]
@@ -131,3 +131,14 @@ def test_clear_returns_every_unfinished_request_wherever_it_is() -> None:
     assert sched.has_requests
     assert sorted(ids(sched.clear())) == ["prefilling", "queued", "row"]
     assert not sched.has_requests and not sched.running and not sched.waiting
+
+
+def test_identical_prompts_count_once_against_the_budget() -> None:
+    """n choices of one prompt share one prefill row, so they fit where n rows would not."""
+    sched = scheduler(max_prefill_tokens=32)
+    choices = [seq("n", 20) for _ in range(3)]
+    for index, choice in enumerate(choices):
+        choice.request_id = f"n-{index}"
+        sched.add(choice)
+    sched.add(seq("other", 20))
+    assert ids(sched.schedule().group) == ["n-0", "n-1", "n-2"]  # 20 padded, not 60
