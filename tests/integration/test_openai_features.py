@@ -174,7 +174,13 @@ def test_a_streamed_call_reassembles_from_its_deltas(client: openai.OpenAI) -> N
 def test_a_tool_round_trip_ends_with_an_answer(client: openai.OpenAI) -> None:
     tools = [WEATHER_TOOL]
     first = client.chat.completions.create(
-        model=CHAT_MODEL, messages=ASK_WEATHER, tools=tools, tool_choice="required", temperature=0
+        model=CHAT_MODEL,
+        messages=ASK_WEATHER,
+        tools=tools,
+        tool_choice="required",
+        parallel_tool_calls=False,  # one call to answer (SmolLM2 may repeat calls otherwise)
+        max_tokens=120,
+        temperature=0,
     )
     call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
     history: list[Any] = [
