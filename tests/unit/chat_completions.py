@@ -3,6 +3,7 @@ translated APIs' tests (tests/unit/test_responses_api.py, test_anthropic_api.py)
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
@@ -61,3 +62,15 @@ def call_chunks(text: str = "Checking.", parallel: bool = True) -> list[dict[str
         chunk({}, "tool_calls"),
         usage_chunk(),
     ]
+
+
+def parse_events(body: bytes) -> list[dict[str, Any]]:
+    """SSE with `event:` lines (Responses, Messages) -> the payloads; each names its event."""
+    events = []
+    for block in body.decode().split("\n\n"):
+        if block:
+            name, data = block.split("\n")
+            payload = json.loads(data.removeprefix("data: "))
+            assert name == f"event: {payload['type']}"
+            events.append(payload)
+    return events

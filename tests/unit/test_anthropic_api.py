@@ -30,6 +30,7 @@ from tests.unit.chat_completions import (
     call_chunks,
     chunk,
     completion,
+    parse_events,
     text_chunks,
     tool_call,
 )
@@ -50,17 +51,6 @@ def sse(req: MessagesRequest, chunks: list[dict[str, Any]]) -> bytes:
     stream = MessagesStream(req, new_message_id())
     events = [event for item in chunks for event in stream.feed(item)] + stream.close()
     return "".join(events).encode()
-
-
-def parse_events(body: bytes) -> list[dict[str, Any]]:
-    events = []
-    for block in body.decode().split("\n\n"):
-        if block:
-            name, data = block.split("\n")
-            payload = json.loads(data.removeprefix("data: "))
-            assert name == f"event: {payload['type']}"
-            events.append(payload)
-    return events
 
 
 Fabricate = Callable[[MessagesRequest, dict[str, Any]], "dict[str, Any] | list[dict[str, Any]]"]

@@ -29,6 +29,7 @@ from tests.unit.chat_completions import (
     call_chunks,
     chunk,
     completion,
+    parse_events,
     text_chunks,
     tool_call,
 )
@@ -50,17 +51,6 @@ def sse(req: ResponsesRequest, chunks: list[dict[str, Any]]) -> bytes:
     stream = ResponsesStream(req, new_response_id())
     events = [event for item in chunks for event in stream.feed(item)] + stream.close()
     return "".join(events).encode()
-
-
-def parse_events(body: bytes) -> list[dict[str, Any]]:
-    events = []
-    for block in body.decode().split("\n\n"):
-        if block:
-            name, data = block.split("\n")
-            payload = json.loads(data.removeprefix("data: "))
-            assert name == f"event: {payload['type']}"
-            events.append(payload)
-    return events
 
 
 Fabricate = Callable[[ResponsesRequest, dict[str, Any]], "dict[str, Any] | list[dict[str, Any]]"]
