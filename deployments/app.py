@@ -47,7 +47,7 @@ def build_ingress_app(args: dict[str, Any]) -> Application:
 
 def _model_app(model: ModelConfig, cache_dir: str) -> Application:
     server: Deployment = EmbeddingServer if model.kind == "embedding" else LLMServer  # type: ignore[assignment]
-    options = serve_options(model.deployment)
+    options = serve_options(model.serve_deployment())
     return server.options(name=model.id, **options).bind(model.model_dump(mode="json"), cache_dir)
 
 

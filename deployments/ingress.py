@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -21,11 +21,12 @@ from pydantic import ValidationError
 from ray import serve
 
 from deployments.admin import metrics_export_targets, serve_status_summary
-from deployments.auth import ApiKeys, BearerAuth, load_api_keys
+from deployments.auth import AccessKeys, BearerAuth, load_access_keys
 from deployments.body_limit import BodySizeLimit
 from deployments.http_errors import install_error_handlers, upstream_error
 from deployments.model_calls import ModelCalls
-from deployments.readiness import ModelReadiness
+from deployments.model_manager import ModelManager
+from deployments.readiness import ModelReadiness, ModelStatus
 from deployments.static import not_found, static_file
 from serve_app.anthropic_api import (
     MessagesRequest,
@@ -34,9 +35,10 @@ from serve_app.anthropic_api import (
     new_message_id,
 )
 from serve_app.anthropic_stream import MessagesStream
-from serve_app.config import IngressAppConfig, ModelRoute
+from serve_app.config import IngressAppConfig, ModelConfig, ModelRoute
 from serve_app.errors import (
     APIError,
+    ConflictError,
     InvalidRequestError,
     ModelNotFoundError,
 )
@@ -80,7 +82,7 @@ MAX_HEADER_BYTES = int(os.environ.get("SERVE_APP_MAX_HEADER_BYTES", 32 * 1024))
 CORS_ORIGINS = [o for o in os.environ.get("SERVE_APP_CORS_ORIGINS", "").split(",") if o]
 
 
-def replica_api_keys() -> ApiKeys:
+def replica_api_keys() -> AccessKeys:
     """The keys of the Ingress this replica runs (Serve binds routes' `self` the same way)."""
     ingress = cast("Ingress", serve.get_replica_context().servable_object)
     return ingress.api_keys
@@ -128,6 +130,9 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
 
 
 _ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+SERVING = frozenset({"ready", "idle"})  # /health is 200 when every model is one of these
+# How long an admin change waits for the model to get where it was sent (?timeout_s=).
+ADMIN_TIMEOUT_S = Query(300.0, gt=0, le=3600)
 
 
 # serve.ingress pickles the app and the route functions' globals when the class is
@@ -143,31 +148,36 @@ class Ingress:
         )
         self.started_at = int(time.time())
         self.readiness = ModelReadiness(lambda model_id: self.calls.call_info(model_id))
-        self.api_keys = load_api_keys(self.config.ingress.api_keys)  # read by BearerAuth
+        self.models = ModelManager(self.readiness, self._wake, self.config.ingress.config_file)
+        self.api_keys = load_access_keys(  # read by BearerAuth
+            self.config.ingress.api_keys, self.config.ingress.admin_api_keys
+        )
 
     # ---- routes ------------------------------------------------------------------------
 
     @app.get("/health")
     async def health(self) -> Response:
         """Serve's view of each model plus its cached load result (deployments/readiness.py):
-        no call that waits behind generation."""
-        ready = await self.readiness.ready([m.id for m in self.config.models])
-        not_ready = [model_id for model_id, is_ready in ready.items() if not is_ready]
+        no call that waits behind generation or wakes an idle model. 200 when every model is
+        ready or idle (an idle one wakes on its next request)."""
+        statuses = await self.readiness.statuses(self._model_ids())
+        not_ready = [model_id for model_id, status in statuses.items() if status not in SERVING]
         if not_ready:
-            return JSONResponse({"status": "unavailable", "not_ready": not_ready}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            body = {"status": "unavailable", "not_ready": not_ready, "models": statuses}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ok", "models": statuses})
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        ready = await self.readiness.ready([m.id for m in self.config.models])
-        cards = [self._card(m, ready[m.id]).model_dump() for m in self.config.models]
+        statuses = await self.readiness.statuses(self._model_ids())
+        cards = [self._card(m, statuses[m.id]).model_dump() for m in self.config.models]
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id}")
     async def get_model(self, model_id: str) -> dict[str, Any]:
         model = self._model(model_id)
-        ready = await self.readiness.ready([model_id])
-        return self._card(model, ready[model_id]).model_dump()
+        statuses = await self.readiness.statuses([model_id])
+        return self._card(model, statuses[model_id]).model_dump()
 
     @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}})
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -262,6 +272,40 @@ class Ingress:
             raise upstream_error(model_id, exc) from exc
         return result
 
+    # ---- model management (deployments/model_manager.py) ------------------------------
+
+    @app.get("/admin/models")
+    async def admin_models(self) -> dict[str, Any]:
+        """Every model's config entry, status and whether it is unloaded."""
+        return {"object": "list", "data": await self.models.describe(self._model_ids())}
+
+    @app.post("/admin/models", status_code=201)
+    async def add_model(
+        self, body: ModelConfig, timeout_s: float = ADMIN_TIMEOUT_S
+    ) -> dict[str, Any]:
+        """A new model application and its route (the ingress restarts with the new table)."""
+        if self.config.model(body.id) is not None:
+            message = f"Model '{body.id}' already exists."
+            raise ConflictError(message, param="id", code="model_exists")
+        return await self.models.add(body, timeout_s)
+
+    @app.delete("/admin/models/{model_id}")
+    async def remove_model(
+        self, model_id: str, timeout_s: float = Query(60.0, gt=0, le=3600)
+    ) -> dict[str, Any]:
+        """Its application goes; its replicas finish their open streams first."""
+        return await self.models.remove(self._model(model_id).id, timeout_s)
+
+    @app.post("/admin/models/{model_id}/load")
+    async def load_model(self, model_id: str, timeout_s: float = ADMIN_TIMEOUT_S) -> dict[str, Any]:
+        return await self.models.load(self._model(model_id).id, timeout_s)
+
+    @app.post("/admin/models/{model_id}/unload")
+    async def unload_model(
+        self, model_id: str, timeout_s: float = Query(60.0, gt=0, le=3600)
+    ) -> dict[str, Any]:
+        return await self.models.unload(self._model(model_id).id, timeout_s)
+
     @app.get("/admin/status")
     async def serve_status(self) -> dict[str, Any]:
         """Ray Serve's view: every deployment's status and replicas by state."""
@@ -327,13 +371,20 @@ class Ingress:
         except APIError as exc:  # the replica names texts `input[i]`: use this route's names
             raise rename_input_error(exc, body.text_params()) from exc
 
+    def _model_ids(self) -> list[str]:
+        return [m.id for m in self.config.models]
+
+    async def _wake(self, model_id: str) -> Any:
+        """A call that a replica of the model must answer: Serve starts one if it has none."""
+        return await self.calls.call_info(model_id)
+
     def _model(self, model_id: str) -> ModelRoute:
         model = self.config.model(model_id)
         if model is None:
             raise ModelNotFoundError(model_id)
         return model
 
-    def _card(self, model: ModelRoute, is_ready: bool) -> ModelCard:
+    def _card(self, model: ModelRoute, status: ModelStatus) -> ModelCard:
         """From the routing table; context_length once the model's replica has told it."""
         return ModelCard(
             id=model.id,
@@ -341,7 +392,7 @@ class Ingress:
             kind=model.kind,
             capabilities=model.capabilities,
             context_length=self.readiness.context_length(model.id),
-            status="ready" if is_ready else "unavailable",
+            status=status,
         )
 
 

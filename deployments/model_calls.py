@@ -104,5 +104,7 @@ class ModelCalls:
         return result
 
     def call_info(self, model_id: str) -> Any:
-        """The replica's `info` (load error, context length): a plain, unawaited call."""
-        return self.handles[model_id].info.remote()
+        """The replica's `info` (load error, context length): a plain, unawaited call. Also for
+        a model just added by this replica, which its routing table does not hold yet."""
+        handle = self.handles.get(model_id) or DeploymentHandle(model_id, model_id)
+        return handle.info.remote()

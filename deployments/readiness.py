@@ -1,5 +1,5 @@
-"""Which models are ready, for /health and /v1/models, without a call that queues behind
-generation on every probe.
+"""Each model's status (ready, idle, loading, failed) for /health, /v1/models and the admin
+routes, without a call that queues behind generation or wakes an idle model on every probe.
 
 Ray Serve's own view (`serve.status()`, read off the event loop, cached `status_ttl_s`) says
 whether a model's deployment has a RUNNING replica. A replica whose weights failed to load stays
@@ -7,6 +7,8 @@ up on purpose and Serve calls it healthy, so each model's `info` (load error, co
 asked once per deployment of its application (`last_deployed_time_s`) and kept; the first probe
 waits `info_timeout_s` for it. While that answer is pending (the replica is busy), Serve's view
 decides: a replica without weights refuses every call at once, so it is never too busy to answer.
+A model scaled to zero (idle_timeout_s, or unloaded) has no replica to ask, so Serve's view alone
+says idle or loading: nothing here ever sends it a request.
 """
 
 from __future__ import annotations
@@ -16,20 +18,34 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ray import serve
 
 logger = logging.getLogger(__name__)
 
 InfoCall = Callable[[str], Awaitable[Any]]
+ModelStatus = Literal["ready", "idle", "loading", "failed"]
 INFO_RETRY_S = 5.0  # after a failed info call, Serve's view alone decides this long
+# Serve's deployment statuses in which a deployment without a running replica is getting one.
+_GROWING = frozenset({"UPDATING", "UPSCALING"})
+_FAILED = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
 
 
 @dataclass(frozen=True, slots=True)
 class DeploymentView:
     num_running: int
     deployed_at: float  # the application's last_deployed_time_s: a new one asks info again
+    num_starting: int = 0
+    status: str = "HEALTHY"  # Serve's DeploymentStatus
+    message: str = ""
+
+    @property
+    def status_without_replica(self) -> ModelStatus:
+        """What a deployment with no RUNNING replica is: starting one, failed, or idle."""
+        if self.status in _FAILED:
+            return "failed"
+        return "loading" if self.num_starting or self.status in _GROWING else "idle"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +53,7 @@ class ModelInfo:
     deployed_at: float
     is_ready: bool
     context_length: int | None
+    error: str | None = None
 
 
 def read_deployment_views() -> dict[str, DeploymentView]:
@@ -45,9 +62,15 @@ def read_deployment_views() -> dict[str, DeploymentView]:
     views: dict[str, DeploymentView] = {}
     for app_name, application in serve.status().applications.items():
         for name, deployment in application.deployments.items():
-            running = sum(n for s, n in deployment.replica_states.items() if _name(s) == "RUNNING")
+            states = {_name(s): n for s, n in deployment.replica_states.items()}
             if name not in views or name == app_name:
-                views[name] = DeploymentView(running, application.last_deployed_time_s)
+                views[name] = DeploymentView(
+                    num_running=states.get("RUNNING", 0),
+                    deployed_at=application.last_deployed_time_s,
+                    num_starting=states.get("STARTING", 0) + states.get("PENDING_MIGRATION", 0),
+                    status=_name(deployment.status),
+                    message=deployment.message or "",
+                )
     return views
 
 
@@ -69,22 +92,37 @@ class ModelReadiness:
         self._pending: dict[str, asyncio.Task[Any]] = {}
         self._failed_at: dict[str, float] = {}
 
-    async def ready(self, model_ids: list[str]) -> dict[str, bool]:
+    async def statuses(self, model_ids: list[str]) -> dict[str, ModelStatus]:
         views = await self._deployment_views()
-        results = await asyncio.gather(*(self._is_ready(m, views.get(m)) for m in model_ids))
+        results = await asyncio.gather(*(self._status(m, views.get(m)) for m in model_ids))
         return dict(zip(model_ids, results, strict=True))
+
+    async def refresh(self) -> None:
+        """Forget Serve's cached view: the next probe reads it again (after an admin change)."""
+        async with self._views_lock:
+            self._views_at = None
+
+    async def is_deployed(self, model_id: str) -> bool:
+        """Whether Serve still has the model's deployment (removing ends when it is gone)."""
+        return model_id in await self._deployment_views()
 
     def context_length(self, model_id: str) -> int | None:
         info = self._infos.get(model_id)
         return info.context_length if info else None
 
-    async def _is_ready(self, model_id: str, view: DeploymentView | None) -> bool:
-        if view is None or view.num_running == 0:
-            return False
+    def load_error(self, model_id: str) -> str | None:
+        info = self._infos.get(model_id)
+        return info.error if info else None
+
+    async def _status(self, model_id: str, view: DeploymentView | None) -> ModelStatus:
+        if view is None:  # not in Serve's status yet (being deployed), or no controller
+            return "loading"
+        if view.num_running == 0:
+            return view.status_without_replica
         info = self._infos.get(model_id)
         if info is None or info.deployed_at != view.deployed_at:
             info = await self._fetch_info(model_id, view.deployed_at)
-        return info.is_ready if info else True
+        return "failed" if info and not info.is_ready else "ready"
 
     async def _fetch_info(self, model_id: str, deployed_at: float) -> ModelInfo | None:
         if time.monotonic() - self._failed_at.get(model_id, -INFO_RETRY_S) < INFO_RETRY_S:
@@ -109,7 +147,8 @@ class ModelReadiness:
             self._failed_at[model_id] = time.monotonic()
             return
         context_length = answer.get("context_length") or self.context_length(model_id)
-        self._infos[model_id] = ModelInfo(deployed_at, bool(answer.get("ready")), context_length)
+        is_ready, error = bool(answer.get("ready")), answer.get("error")
+        self._infos[model_id] = ModelInfo(deployed_at, is_ready, context_length, error)
 
     async def _deployment_views(self) -> dict[str, DeploymentView]:
         async with self._views_lock:  # concurrent probes share one controller call

@@ -125,6 +125,21 @@ class DeploymentOptions(_Strict):
             options.pop("num_replicas", None)
         return options
 
+    def scaled_to_zero_after(self, idle_timeout_s: float) -> DeploymentOptions:
+        """These options with Serve's autoscaling taking the replicas to zero after
+        `idle_timeout_s` without a request (Ollama's keep_alive); the first request wakes one."""
+        autoscaling = {**_fixed_replicas(self.num_replicas), **(self.autoscaling_config or {})}
+        autoscaling.update(min_replicas=0, downscale_to_zero_delay_s=idle_timeout_s)
+        autoscaling.setdefault("initial_replicas", 1)  # loaded at start, then idles out
+        # Idle means no request over the look-back window, then the delay: keep the window short.
+        autoscaling.setdefault("look_back_period_s", min(10.0, idle_timeout_s))
+        return self.model_copy(update={"num_replicas": None, "autoscaling_config": autoscaling})
+
+
+def _fixed_replicas(num_replicas: int | str | None) -> dict[str, int]:
+    count = num_replicas if isinstance(num_replicas, int) and num_replicas > 0 else 1
+    return {"max_replicas": count}
+
 
 class ModelConfig(_Strict):
     id: str = Field(pattern=MODEL_ID_PATTERN)
@@ -136,10 +151,29 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     engine: EngineOptions = Field(default_factory=EngineOptions)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    idle_timeout_s: float | None = Field(
+        None, gt=0, description="no request for this long: replicas scaled to zero (None: never)"
+    )
 
     @property
     def capabilities(self) -> list[str]:
         return CAPABILITIES[self.kind]
+
+    def serve_deployment(self) -> DeploymentOptions:
+        """The deployment options Serve gets: `deployment`, scaled to zero when idle if set."""
+        if self.idle_timeout_s is None:
+            return self.deployment
+        return self.deployment.scaled_to_zero_after(self.idle_timeout_s)
+
+    @model_validator(mode="after")
+    def _idle_timeout_fits_autoscaling(self) -> ModelConfig:
+        floor = (self.deployment.autoscaling_config or {}).get("min_replicas", 0)
+        if self.idle_timeout_s is not None and floor:
+            raise ValueError(
+                f"model '{self.id}': idle_timeout_s scales it to zero, so "
+                f"autoscaling_config.min_replicas must be 0 or unset (it is {floor})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _engine_options_of_its_kind(self) -> ModelConfig:
@@ -169,6 +203,16 @@ class IngressOptions(_Strict):
     )
     api_keys: list[str] = Field(
         default_factory=list, description="Bearer keys; also read from $SERVE_APP_API_KEYS"
+    )
+    admin_api_keys: list[str] = Field(
+        default_factory=list,
+        description="keys for /admin (then api_keys no longer open it); also "
+        "$SERVE_APP_ADMIN_API_KEYS",
+    )
+    config_file: str | None = Field(
+        None,
+        description="where model changes made through /admin/models are written back as a "
+        "whole Serve config, so a restart serves the same set (None: not written)",
     )
     request_timeout_s: float | None = Field(
         600.0, gt=0, description="deadline of one generation; a stream then ends in an error"

@@ -455,4 +455,4 @@ class ModelCard(BaseModel):
     kind: str
     capabilities: list[str]
     context_length: int | None = None
-    status: Literal["ready", "unavailable"] = "ready"
+    status: Literal["ready", "idle", "loading", "failed"] = "ready"

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError
 
-from deployments.auth import ApiKeys, BearerAuth, load_api_keys
+from deployments.auth import ApiKeys, BearerAuth, load_access_keys, load_api_keys
 from deployments.body_limit import BodySizeLimit
 from deployments.http_errors import install_error_handlers, upstream_error
 from serve_app.protocol import ChatCompletionRequest
@@ -132,3 +132,43 @@ def test_unknown_model_error_does_not_echo_a_huge_name() -> None:
 
     error = ModelNotFoundError("x" * 100_000).to_dict()["error"]
     assert len(error["message"]) < 300 and error["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("api_keys", [["user-key"], []])
+def test_admin_keys_alone_open_admin(monkeypatch: pytest.MonkeyPatch, api_keys: list[str]) -> None:
+    """With admin keys configured, /admin takes only them (an API key there is 403); the API
+    keeps its own keys (or none)."""
+    monkeypatch.delenv("SERVE_APP_API_KEYS", raising=False)
+    monkeypatch.setenv("SERVE_APP_ADMIN_API_KEYS", "env-admin")
+    access = load_access_keys(api_keys, ["admin-key"])
+    app = FastAPI()
+    app.add_middleware(BearerAuth, api_keys=lambda: access)
+
+    @app.get("/admin/models")
+    async def admin() -> dict:
+        return {}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {}
+
+    client = TestClient(app)
+
+    def get(path: str, key: str | None) -> int:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return client.get(path, headers=headers).status_code
+
+    assert get("/admin/models", "admin-key") == 200 and get("/admin/models", "env-admin") == 200
+    assert get("/admin/models", None) == 401
+    if api_keys:
+        assert get("/admin/models", "user-key") == 403
+        assert get("/v1/models", "user-key") == 200 and get("/v1/models", "admin-key") == 401
+    else:
+        assert get("/v1/models", None) == 200  # the API stays open
+
+
+def test_without_admin_keys_admin_takes_the_api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SERVE_APP_ADMIN_API_KEYS", raising=False)
+    access = load_access_keys(["user-key"], [])
+    assert access.admin is None
+    assert access.for_path("/admin/models") is access.api

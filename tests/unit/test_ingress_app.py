@@ -71,9 +71,10 @@ def ready_info(model_id: str = MODEL) -> dict[str, Any]:
     return {"id": model_id, "ready": True, "context_length": 2048, "error": None}
 
 
-def serve_status(num_running: int = 1) -> SimpleNamespace:
+def serve_status(num_running: int = 1, num_starting: int = 0) -> SimpleNamespace:
+    states = {"RUNNING": num_running, "STARTING": num_starting}
     deployment = SimpleNamespace(
-        status="HEALTHY", replica_states={"RUNNING": num_running} if num_running else {}
+        status="HEALTHY", replica_states={k: n for k, n in states.items() if n}, message=""
     )
     application = SimpleNamespace(
         status="RUNNING", last_deployed_time_s=1.0, deployments={MODEL: deployment}
@@ -297,16 +298,29 @@ def test_model_whose_weights_failed_reads_not_ready(make_client: Callable[..., T
     response = client.get("/health")
     assert response.status_code == 503 and response.json()["not_ready"] == [MODEL]
     models = client.get("/v1/models", headers=AUTH).json()["data"]
-    assert [m["status"] for m in models] == ["unavailable"]
+    assert [m["status"] for m in models] == ["failed"]
 
 
-def test_model_without_a_running_replica_reads_not_ready(
+def test_a_model_starting_its_replica_reads_loading(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client()
+    monkeypatch.setattr(serve, "status", lambda: serve_status(num_running=0, num_starting=1))
+    response = client.get("/health")
+    assert response.status_code == 503 and response.json()["not_ready"] == [MODEL]
+    assert response.json()["models"] == {MODEL: "loading"}
+
+
+def test_a_model_scaled_to_zero_is_idle_healthy_and_never_woken(
     make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = make_client()
     monkeypatch.setattr(serve, "status", lambda: serve_status(num_running=0))
     response = client.get("/health")
-    assert response.status_code == 503 and response.json()["not_ready"] == [MODEL]
+    assert response.status_code == 200 and response.json()["models"] == {MODEL: "idle"}
+    card = client.get(f"/v1/models/{MODEL}", headers=AUTH).json()
+    assert card["status"] == "idle"
+    assert client.handle.num_info_calls == 0  # type: ignore[attr-defined]
 
 
 # ---- streamed failures are counted -------------------------------------------------------

@@ -1,4 +1,5 @@
-"""ModelReadiness: Serve's view (cached), one info call per deployment, kept."""
+"""ModelReadiness: Serve's view (cached), one info call per deployment, kept; each model's
+status (ready, idle, loading, failed)."""
 
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ async def test_info_is_asked_again_only_after_a_new_deployment(views: Views) -> 
         return answers[len(calls) - 1]
 
     readiness = ModelReadiness(ask, status_ttl_s=0.0)
-    assert await readiness.ready(["m"]) == {"m": False}
-    assert await readiness.ready(["m"]) == {"m": False} and len(calls) == 1
+    assert await readiness.statuses(["m"]) == {"m": "failed"}
+    assert await readiness.statuses(["m"]) == {"m": "failed"} and len(calls) == 1
     views.view = DeploymentView(num_running=1, deployed_at=2.0)  # redeployed
-    assert await readiness.ready(["m"]) == {"m": True}
+    assert await readiness.statuses(["m"]) == {"m": "ready"}
     assert len(calls) == 2 and readiness.context_length("m") == 64
 
 
@@ -54,20 +55,20 @@ async def test_failed_info_leaves_serves_view_in_charge_and_is_retried_later(
         raise RuntimeError("queue full")
 
     readiness = ModelReadiness(ask, status_ttl_s=0.0)
-    assert await readiness.ready(["m"]) == {"m": True}  # RUNNING replica, no answer yet
-    assert await readiness.ready(["m"]) == {"m": True} and len(calls) == 1
+    assert await readiness.statuses(["m"]) == {"m": "ready"}  # RUNNING replica, no answer yet
+    assert await readiness.statuses(["m"]) == {"m": "ready"} and len(calls) == 1
     monkeypatch.setattr(readiness_module, "INFO_RETRY_S", 0.0)
-    await readiness.ready(["m"])
+    await readiness.statuses(["m"])
     assert len(calls) == 2
 
 
-async def test_no_running_replica_or_unknown_model_is_not_ready(views: Views) -> None:
+async def test_a_starting_replica_or_unknown_model_is_loading(views: Views) -> None:
     async def ask(model_id: str) -> Any:
         return {"ready": True}
 
     readiness = ModelReadiness(ask, status_ttl_s=0.0)
-    views.view = DeploymentView(num_running=0, deployed_at=1.0)
-    assert await readiness.ready(["m", "other"]) == {"m": False, "other": False}
+    views.view = DeploymentView(num_running=0, deployed_at=1.0, num_starting=1)
+    assert await readiness.statuses(["m", "other"]) == {"m": "loading", "other": "loading"}
 
 
 async def test_concurrent_probes_share_one_status_read(views: Views) -> None:
@@ -75,8 +76,8 @@ async def test_concurrent_probes_share_one_status_read(views: Views) -> None:
         return {"ready": True}
 
     readiness = ModelReadiness(ask, status_ttl_s=60.0)
-    results = await asyncio.gather(*(readiness.ready(["m"]) for _ in range(10)))
-    assert all(r == {"m": True} for r in results) and views.num_reads == 1
+    results = await asyncio.gather(*(readiness.statuses(["m"]) for _ in range(10)))
+    assert all(r == {"m": "ready"} for r in results) and views.num_reads == 1
 
 
 async def test_controller_failure_reads_as_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,7 +89,7 @@ async def test_controller_failure_reads_as_not_ready(monkeypatch: pytest.MonkeyP
     async def ask(model_id: str) -> Any:
         return {"ready": True}
 
-    assert await ModelReadiness(ask).ready(["m"]) == {"m": False}
+    assert await ModelReadiness(ask).statuses(["m"]) == {"m": "loading"}
 
 
 def test_views_come_from_serve_status_by_deployment_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,7 +99,7 @@ def test_views_come_from_serve_status_by_deployment_name(monkeypatch: pytest.Mon
 
     def deployment(num_running: int) -> SimpleNamespace:
         states = {ReplicaState.RUNNING: num_running, ReplicaState.STARTING: 1}
-        return SimpleNamespace(status="HEALTHY", replica_states=states)
+        return SimpleNamespace(status="HEALTHY", replica_states=states, message="")
 
     applications = {
         "serve-app": SimpleNamespace(
@@ -109,5 +110,39 @@ def test_views_come_from_serve_status_by_deployment_name(monkeypatch: pytest.Mon
     status = SimpleNamespace(applications=applications)
     monkeypatch.setattr(readiness_module.serve, "status", lambda: status)
     views = readiness_module.read_deployment_views()
-    assert views["m"] == DeploymentView(num_running=2, deployed_at=7.0)  # its own application
+    assert views["m"] == DeploymentView(num_running=2, deployed_at=7.0, num_starting=1)
     assert views["Ingress"].num_running == 1
+
+
+@pytest.mark.parametrize(
+    ("view", "status"),
+    [
+        (DeploymentView(num_running=0, deployed_at=1.0), "idle"),  # scaled to zero
+        (DeploymentView(0, 1.0, status="DOWNSCALING"), "idle"),  # on its way to zero
+        (DeploymentView(0, 1.0, status="UPSCALING"), "loading"),  # woken, no replica yet
+        (DeploymentView(0, 1.0, num_starting=1), "loading"),
+        (DeploymentView(0, 1.0, status="DEPLOY_FAILED"), "failed"),
+        (DeploymentView(0, 1.0, status="UNHEALTHY"), "failed"),
+    ],
+)
+async def test_a_model_without_a_running_replica_is_idle_loading_or_failed(
+    views: Views, view: DeploymentView, status: str
+) -> None:
+    calls: list[str] = []
+
+    async def ask(model_id: str) -> Any:
+        calls.append(model_id)
+        return {"ready": True}
+
+    views.view = view
+    assert await ModelReadiness(ask, status_ttl_s=0.0).statuses(["m"]) == {"m": status}
+    assert calls == []  # never a call that would wake an idle model
+
+
+async def test_a_load_error_is_failed_and_kept(views: Views) -> None:
+    async def ask(model_id: str) -> Any:
+        return {"ready": False, "error": "no such file"}
+
+    readiness = ModelReadiness(ask, status_ttl_s=0.0)
+    assert await readiness.statuses(["m"]) == {"m": "failed"}
+    assert readiness.load_error("m") == "no such file"

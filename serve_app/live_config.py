@@ -1,0 +1,136 @@
+"""Edits of a whole Ray Serve config for the model-management routes: add, remove, unload and
+load a model. Each returns a new config, validated as config/serve.yaml is; deploying it is what
+`serve deploy` of that file would do (deployments/model_admin.py)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from serve_app.config import ModelConfig, app_config_from_applications
+from serve_app.errors import ConflictError, InvalidRequestError, ModelNotFoundError
+
+MODEL_IMPORT_PATH = "deployments.app:build_model_app"
+# An unloaded model: scaled to zero as soon as no request is open, woken by the next one
+# (Ollama's keep_alive 0). Lightweight options only, so Serve restarts nothing to apply them.
+UNLOADED_AUTOSCALING = {
+    "min_replicas": 0,
+    "initial_replicas": 0,
+    "downscale_delay_s": 0.0,
+    "downscale_to_zero_delay_s": 0.0,
+    "upscale_delay_s": 0.0,
+    "look_back_period_s": 1.0,
+}
+
+
+def add_model(config: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
+    """`config` with `model` as an application of its own and a route in the ingress."""
+    if model.id in model_ids(config):
+        raise ConflictError(f"Model '{model.id}' already exists.", param="id", code="model_exists")
+    edited = copy.deepcopy(config)
+    application = {
+        "name": model.id,
+        "route_prefix": None,
+        "import_path": MODEL_IMPORT_PATH,
+        "args": {"cache_dir": _cache_dir(edited), "model": model.model_dump(mode="json")},
+    }
+    edited["applications"].append(application)
+    _routes(edited).append({"id": model.id, "kind": model.kind})
+    return checked(edited)
+
+
+def remove_model(config: dict[str, Any], model_id: str) -> dict[str, Any]:
+    """`config` without the model's application and route."""
+    _model_application(config, model_id)  # 404 when unknown
+    if len(model_ids(config)) == 1:
+        raise InvalidRequestError(
+            f"Model '{model_id}' is the only model; the service needs at least one.",
+            param="model_id",
+            code="last_model",
+        )
+    edited = copy.deepcopy(config)
+    edited["applications"] = [
+        app for app in edited["applications"] if _model_id_of(app) != model_id
+    ]
+    routes = _routes(edited)
+    routes[:] = [route for route in routes if route["id"] != model_id]
+    return checked(edited)
+
+
+def set_unloaded(config: dict[str, Any], model_id: str, is_unloaded: bool) -> dict[str, Any]:
+    """`config` with the model's deployment scaled to zero (an override of its autoscaling in
+    the application's `deployments`), or with that override gone (its own options again)."""
+    edited = copy.deepcopy(config)
+    application = _model_application(edited, model_id)
+    overrides = [d for d in application.get("deployments") or [] if d.get("name") != model_id]
+    if is_unloaded:
+        overrides.append(_unloaded_override(application))
+    if overrides:
+        application["deployments"] = overrides
+    else:
+        application.pop("deployments", None)
+    return checked(edited)
+
+
+def is_unloaded(config: dict[str, Any], model_id: str) -> bool:
+    application = _model_application(config, model_id)
+    overrides = [d for d in application.get("deployments") or [] if d.get("name") == model_id]
+    return any((d.get("autoscaling_config") or {}).get("initial_replicas") == 0 for d in overrides)
+
+
+def model_ids(config: dict[str, Any]) -> list[str]:
+    return [model_id for app in config["applications"] if (model_id := _model_id_of(app))]
+
+
+def model_entry(config: dict[str, Any], model_id: str) -> dict[str, Any]:
+    entry: dict[str, Any] = _model_application(config, model_id)["args"]["model"]
+    return entry
+
+
+def checked(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` if it reads back as a valid service (the checks config/serve.yaml gets)."""
+    try:
+        app_config_from_applications(config["applications"])
+    except ValueError as exc:
+        raise InvalidRequestError(f"The resulting config is invalid: {exc}", param=None) from exc
+    return config
+
+
+def _unloaded_override(application: dict[str, Any]) -> dict[str, Any]:
+    model = ModelConfig.model_validate(application["args"]["model"])
+    options = model.serve_deployment()
+    max_replicas = (options.autoscaling_config or {}).get("max_replicas")
+    if max_replicas is None:
+        max_replicas = options.num_replicas if isinstance(options.num_replicas, int) else 1
+    autoscaling = {**(options.autoscaling_config or {}), **UNLOADED_AUTOSCALING}
+    autoscaling["max_replicas"] = max(1, max_replicas)
+    # "auto" lets Serve take an autoscaling config where the code set a fixed count.
+    return {"name": model.id, "num_replicas": "auto", "autoscaling_config": autoscaling}
+
+
+def _model_id_of(application: dict[str, Any]) -> str | None:
+    model = (application.get("args") or {}).get("model")
+    return model.get("id") if isinstance(model, dict) else None
+
+
+def _model_application(config: dict[str, Any], model_id: str) -> dict[str, Any]:
+    for application in config["applications"]:
+        if _model_id_of(application) == model_id:
+            return application  # type: ignore[no-any-return]
+    raise ModelNotFoundError(model_id)
+
+
+def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    for application in config["applications"]:
+        routes = (application.get("args") or {}).get("models")
+        if isinstance(routes, list):
+            return routes
+    raise InvalidRequestError("The running config has no ingress application.", param=None)
+
+
+def _cache_dir(config: dict[str, Any]) -> str:
+    for application in config["applications"]:
+        cache_dir = (application.get("args") or {}).get("cache_dir")
+        if cache_dir and _model_id_of(application):
+            return str(cache_dir)
+    return "~/.cache/serve-app"
