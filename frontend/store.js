@@ -1,5 +1,8 @@
 // store.js: conversations, settings and the API key, kept in localStorage so they survive
-// a reload. Pure data; no DOM.
+// a reload. Pure data; no DOM. The tree inside a conversation is branches.js's concern.
+
+import { linkFlatMessages, selectBranch } from "./branches.js";
+import { normaliseConversation } from "./transfer.js";
 
 const KEYS = {
   conversations: "serve-app.conversations.v1",
@@ -14,6 +17,10 @@ export const DEFAULT_SETTINGS = Object.freeze({
   systemPrompt: "",
   temperature: 0.7,
   maxTokens: 256,
+  isCompare: false,
+  compareModels: [],
+  schemaText: "",
+  toolsText: "",
 });
 
 const TITLE_LENGTH = 48;
@@ -41,19 +48,29 @@ function newId() {
   return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`;
 }
 
-/** Conversations: [{id, title, createdAt, updatedAt, messages: [{role, content, ...}]}]. */
+/**
+ * Conversations: [{id, title, createdAt, updatedAt, selected, messages: [{id, parentId, role,
+ * content, ...}]}]; messages holds every branch (see branches.js).
+ */
 export class ConversationStore {
   constructor() {
     const saved = readJson(KEYS.conversations, []);
-    this.conversations = Array.isArray(saved) ? saved.filter(isConversation) : [];
-    for (const conversation of this.conversations) settleInterrupted(conversation);
+    this.conversations = (Array.isArray(saved) ? saved : []).map(normaliseConversation)
+      .filter(Boolean);
+    for (const conversation of this.conversations) {
+      linkFlatMessages(conversation.messages, newId);
+      settleInterrupted(conversation);
+    }
     this.currentId = localStorage.getItem(KEYS.currentId);
     if (!this.get(this.currentId)) this.currentId = this.conversations[0]?.id ?? null;
   }
 
-  /** Newest first. */
-  list() {
-    return [...this.conversations].sort((a, b) => b.updatedAt - a.updatedAt);
+  /** Newest first; only those whose title contains `query` (any case) when one is given. */
+  list(query = "") {
+    const needle = query.trim().toLowerCase();
+    return this.conversations
+      .filter((c) => !needle || c.title.toLowerCase().includes(needle))
+      .sort((a, b) => b.updatedAt - a.updatedAt);
   }
 
   get(id) {
@@ -86,14 +103,32 @@ export class ConversationStore {
     this.save();
   }
 
-  /** Appends a message to a conversation; the first user message names it. */
-  append(conversation, message) {
+  /**
+   * Adds a message under `parentId` (null: a first message) and shows its branch; the first
+   * user message names the conversation.
+   */
+  append(conversation, message, parentId) {
+    message.id = newId();
+    message.parentId = parentId ?? null;
     conversation.messages.push(message);
+    selectBranch(conversation, message);
     if (conversation.title === "New chat" && message.role === "user") {
       conversation.title = makeTitle(message.content);
     }
     this.touch(conversation);
     return message;
+  }
+
+  /** Adds checked conversations (transfer.js); an id already here gets a new one. */
+  importConversations(conversations) {
+    for (const conversation of conversations) {
+      if (this.get(conversation.id)) conversation.id = newId();
+      linkFlatMessages(conversation.messages, newId);
+      settleInterrupted(conversation);
+      this.conversations.push(conversation);
+    }
+    if (conversations.length) this.select(conversations[0].id);
+    this.save();
   }
 
   touch(conversation) {
@@ -104,10 +139,6 @@ export class ConversationStore {
   save() {
     return writeJson(KEYS.conversations, this.conversations);
   }
-}
-
-function isConversation(value) {
-  return value && typeof value.id === "string" && Array.isArray(value.messages);
 }
 
 /** A reply that was streaming when the page went away ends as "stopped". */
