@@ -1,5 +1,6 @@
-// api.js: talks to serve-app's OpenAI-compatible API (same origin): model list, streamed
-// chat/completions over fetch + ReadableStream, SSE parsing, error normalisation.
+// api.js: talks to serve-app's OpenAI-compatible API (same origin): model list, waking an idle
+// model, streamed chat/completions over fetch + ReadableStream, SSE parsing, error
+// normalisation.
 
 /** One error type for everything that can go wrong; `kind` says where it came from. */
 export class ApiError extends Error {
@@ -70,6 +71,26 @@ export async function listModels() {
 }
 
 /**
+ * POST /admin/models/{id}/load: asks the server to wake an idle model. Best effort: a server
+ * without the route, or a key without admin rights, is fine, since a request to an idle model
+ * wakes it too. Never throws.
+ */
+export async function loadModel(modelId) {
+  try {
+    await request(`/admin/models/${encodeURIComponent(modelId)}/load`, { method: "POST" });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The path and exact JSON body of a streamed generation (also what the inspector shows). */
+export function generationRequest(mode, body) {
+  const path = mode === "completion" ? "/v1/completions" : "/v1/chat/completions";
+  return { path, body: { ...body, stream: true, stream_options: { include_usage: true } } };
+}
+
+/**
  * Incremental Server-Sent Events parser: push() decoded text as it arrives (any chunking),
  * get back the `data` payloads of every event completed so far.
  */
@@ -115,27 +136,26 @@ function parseEventData(block) {
 }
 
 /**
- * Streams one generation. `mode` "chat" posts to /v1/chat/completions with `messages`,
- * "completion" posts to /v1/completions with `prompt`.
+ * Streams one generation from generationRequest(mode, body): `mode` "chat" posts `messages`
+ * to /v1/chat/completions, "completion" posts `prompt` to /v1/completions.
  *
- * Callbacks: onStart({requestId}), onDelta(text), onUsage(usage), onFinish(reason).
+ * Callbacks: onStart({requestId}), onDelta(text), onToolCall(fragment) with each streamed
+ * delta.tool_calls entry, onUsage(usage), onFinish(reason).
  * Resolves when the stream ends; rejects with ApiError, or an AbortError when `signal` fires.
  */
-export async function streamGeneration({ mode, body, signal, onStart, onDelta, onUsage, onFinish }) {
-  const path = mode === "completion" ? "/v1/completions" : "/v1/chat/completions";
-  const payload = { ...body, stream: true, stream_options: { include_usage: true } };
-  const response = await request(path, {
+export async function streamGeneration({ mode, request: generation, signal, ...callbacks }) {
+  const response = await request(generation.path, {
     method: "POST",
     headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-    body: JSON.stringify(payload),
+    body: JSON.stringify(generation.body),
     signal,
   });
-  onStart?.({ requestId: response.headers.get("X-Request-Id") });
+  callbacks.onStart?.({ requestId: response.headers.get("X-Request-Id") });
   if (!response.body) throw new ApiError("The server sent no stream.", { kind: "protocol" });
 
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   const parser = new SseParser();
-  const handle = (data) => handleEvent(data, mode, { onDelta, onUsage, onFinish });
+  const handle = (data) => handleEvent(data, mode, callbacks);
   try {
     for (;;) {
       const { value, done } = await reader.read();
@@ -155,7 +175,7 @@ export async function streamGeneration({ mode, body, signal, onStart, onDelta, o
   }
 }
 
-function handleEvent(data, mode, { onDelta, onUsage, onFinish }) {
+function handleEvent(data, mode, { onDelta, onToolCall, onUsage, onFinish }) {
   if (data.trim() === "[DONE]") return "done";
   let chunk;
   try {
@@ -173,6 +193,9 @@ function handleEvent(data, mode, { onDelta, onUsage, onFinish }) {
   for (const choice of chunk.choices || []) {
     const text = mode === "completion" ? choice.text : choice.delta?.content;
     if (text) onDelta?.(text);
+    // Streamed calls come as fragments in delta.tool_calls; a whole message may carry them too.
+    const calls = choice.delta?.tool_calls ?? choice.message?.tool_calls ?? [];
+    calls.forEach((call, i) => onToolCall?.({ index: call.index ?? i, ...call }));
     if (choice.finish_reason) onFinish?.(choice.finish_reason);
   }
   return "more";

@@ -1,10 +1,29 @@
-// render.js: model output (untrusted markdown) -> sanitised HTML. renderMarkdown is pure:
-// same text in, same safe HTML string out; nothing in it ever runs script.
+// render.js: model output (untrusted markdown) -> sanitised HTML, code blocks highlighted.
+// renderMarkdown is pure: same text in, same safe HTML string out; nothing in it ever runs
+// script. Highlighting happens before DOMPurify, so its output is sanitised like the rest.
 
+import hljs from "./vendor/highlight.min.js";
 import { Marked } from "./vendor/marked.esm.js";
 import DOMPurify from "./vendor/purify.es.mjs";
 
-const markdown = new Marked({ gfm: true, breaks: true, async: false });
+const LANGUAGE_NAME = /^[a-z0-9_+#-]{1,32}$/;
+
+const markdown = new Marked({ gfm: true, breaks: true, async: false,
+  renderer: { code: renderCodeBlock } });
+
+/** A fenced block: highlighted when its info string names a bundled language, else plain. */
+function renderCodeBlock({ text, lang }) {
+  const name = String(lang ?? "").trim().split(/\s/)[0].toLowerCase();
+  const known = LANGUAGE_NAME.test(name) && hljs.getLanguage(name) ? name : null;
+  const html = known ? hljs.highlight(text, { language: known, ignoreIllegals: true }).value
+    : escapeHtml(text);
+  const className = known ? `hljs language-${known}` : "hljs";
+  return `<pre><code class="${className}">${html}</code></pre>\n`;
+}
+
+function escapeHtml(text) {
+  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
 
 const PURIFY_CONFIG = {
   USE_PROFILES: { html: true },
