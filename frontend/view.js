@@ -1,24 +1,24 @@
-// view.js: builds and updates the page's DOM (conversation list, messages, model badges)
-// from plain data. Model output goes through render.js; everything else is textContent.
+// view.js: builds the page's DOM around the messages (conversation list, model badges and
+// status, empty state) from plain data, all as textContent. Messages: message_view.js.
 
-import { addCodeCopyButtons, copyText, renderInto } from "./render.js";
+import { el } from "./message_view.js";
 
-function el(tag, attrs = {}, text = null) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs)) {
-    if (value === null || value === undefined || value === false) continue;
-    if (name === "className") node.className = value;
-    else node.setAttribute(name, value === true ? "" : String(value));
-  }
-  if (text !== null) node.textContent = text;
-  return node;
+export { createMessageView, formatMeta } from "./message_view.js";
+
+/** What a /v1/models `status` means here; a card without one is ready. */
+const STATUS_NOTES = { idle: "idle", loading: "loading…", failed: "failed",
+  unavailable: "not ready" };
+
+export function modelStatus(model) {
+  return Object.hasOwn(STATUS_NOTES, model?.status ?? "") ? model.status : "ready";
 }
 
 /** Sidebar list of saved conversations. */
 export function renderConversationList(container, conversations, currentId, handlers) {
   container.replaceChildren();
   if (!conversations.length) {
-    container.append(el("p", { className: "muted list-empty" }, "No conversations yet."));
+    container.append(el("p", { className: "muted list-empty" },
+      handlers.isFiltered ? "No conversation title matches." : "No conversations yet."));
     return;
   }
   for (const conversation of conversations) {
@@ -61,6 +61,9 @@ function trashIcon() {
 export function renderModelBadges(container, model) {
   container.replaceChildren();
   if (!model) return;
+  const status = modelStatus(model);
+  container.append(el("span", { className: `badge status-${status}`,
+    "data-testid": "model-status", title: "Model status" }, status));
   for (const capability of model.capabilities || []) {
     container.append(el("span", {
       className: `badge badge-${capability}`, "data-testid": "capability-badge",
@@ -75,8 +78,9 @@ export function renderModelBadges(container, model) {
 /** Text for a model's <option>: id plus what it can do. */
 export function modelOptionLabel(model) {
   const caps = (model.capabilities || []).join(", ");
+  const status = modelStatus(model);
   const note = model.kind === "embedding" ? " (embeddings only)"
-    : model.status === "unavailable" ? " (not ready)" : "";
+    : status !== "ready" ? ` (${STATUS_NOTES[status]})` : "";
   return `${model.id} — ${caps || model.kind}${note}`;
 }
 
@@ -92,83 +96,4 @@ export function renderEmptyState(container, modelId) {
     modelId ? `Talking to ${modelId}. Enter sends, Shift+Enter adds a new line.`
       : "Pick a model to start."));
   container.replaceChildren(box);
-}
-
-/**
- * A message's DOM. Returns {root, update(message)}; update re-renders content, status and
- * metrics from the message object (cheap enough to call on every streamed delta).
- */
-export function createMessageView(message, actions) {
-  const root = el("article", {
-    className: `message message-${message.role}`, "data-testid": "message",
-    "data-role": message.role,
-  });
-  const header = el("div", { className: "message-head" });
-  const who = el("span", { className: "message-who" });
-  header.append(who);
-  const body = el("div", { className: "message-content", "data-testid": "message-content" });
-  const error = el("div", { className: "message-error", "data-testid": "message-error",
-    role: "alert", hidden: true });
-  const foot = el("div", { className: "message-foot" });
-  const meta = el("span", { className: "message-meta", "data-testid": "message-meta" });
-  const tools = el("span", { className: "message-tools" });
-  foot.append(meta, tools);
-  root.append(header, body, error, foot);
-
-  if (message.role === "user") {
-    who.textContent = "You";
-    body.textContent = message.content;
-    foot.hidden = true;
-    return { root, update() {} };
-  }
-
-  const copy = el("button", { type: "button", className: "link-btn", "aria-label": "Copy reply" },
-    "Copy");
-  copy.addEventListener("click", () => copyText(message.content, copy));
-  tools.append(copy);
-  if (actions?.onRegenerate) {
-    const again = el("button", { type: "button", className: "link-btn",
-      "data-testid": "regenerate", "aria-label": "Regenerate reply" }, "Regenerate");
-    again.addEventListener("click", () => actions.onRegenerate(message));
-    tools.append(again);
-  }
-
-  let renderedContent = null;
-  const update = (msg) => {
-    const status = msg.status || "done";
-    root.dataset.status = status;
-    if (msg.requestId) root.dataset.requestId = msg.requestId;
-    who.textContent = msg.model ? `${msg.model}${msg.mode === "completion" ? " · completion" : ""}`
-      : "Assistant";
-    if (msg.content !== renderedContent) {
-      renderInto(body, msg.content);
-      renderedContent = msg.content;
-    }
-    body.classList.toggle("is-empty", !msg.content);
-    const isStreaming = status === "streaming";
-    body.classList.toggle("streaming", isStreaming);
-    if (!isStreaming) addCodeCopyButtons(body);
-    error.hidden = !msg.error;
-    error.textContent = msg.error || "";
-    meta.textContent = formatMeta(msg);
-    tools.hidden = isStreaming || !msg.content;
-  };
-  update(message);
-  return { root, update };
-}
-
-/** "TTFT 180 ms · 23.4 tok/s · 57 tokens", plus how it ended when that is not "stop". */
-export function formatMeta(msg) {
-  const m = msg.metrics || {};
-  const parts = [];
-  if (msg.status === "streaming") parts.push(msg.content ? "generating…" : "waiting for first token…");
-  if (m.ttftMs != null) parts.push(`TTFT ${Math.round(m.ttftMs)} ms`);
-  if (m.tokensPerSecond != null) parts.push(`${m.tokensPerSecond.toFixed(1)} tok/s`);
-  if (m.completionTokens != null) {
-    const n = m.completionTokens;
-    parts.push(`${m.isApproximate ? "~" : ""}${n} ${n === 1 ? "token" : "tokens"}`);
-  }
-  if (msg.status === "stopped") parts.push("stopped");
-  else if (msg.finishReason === "length") parts.push("hit max tokens");
-  return parts.join(" · ");
 }
