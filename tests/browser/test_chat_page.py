@@ -7,22 +7,24 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.request
 from typing import Any
 
 import pytest
 from playwright.sync_api import Route, expect
 
-pytestmark = [pytest.mark.browser, pytest.mark.integration]
-
-CHAT_MODEL = "smollm2-135m-instruct"
-BASE_MODEL = "gemma-3-270m"
-EMBEDDING_MODEL = "all-minilm-l6-v2"
-XSS_PAYLOAD = (
-    'Here you go: <img src=x onerror="window.__xss=1"> and '
-    '<script>window.__xss=1</script> and <a href="javascript:window.__xss=1">link</a> '
-    'and <svg onload="window.__xss=1"></svg>\n\n```html\n<script>alert(1)</script>\n```'
+from tests.browser.pagekit import (
+    BASE_MODEL,
+    CHAT_MODEL,
+    EMBEDDING_MODEL,
+    XSS_PAYLOAD,
+    XSS_PROBE_JS,
+    fake_chat_stream,
+    fulfill_sse,
+    get_json,
+    wait_for,
 )
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 # Samples the last assistant bubble every few ms, in the page, until it leaves "streaming".
 SAMPLE_REPLY_JS = """
@@ -45,57 +47,6 @@ async ([intervalMs, timeoutMs]) => {
   });
 }
 """
-
-# Counts what would show that injected markup ran or survived in the DOM.
-XSS_PROBE_JS = """
-(root) => ({
-  xss: window.__xss,
-  scripts: root.querySelectorAll('script').length,
-  handlers: [...root.querySelectorAll('*')].filter(
-    (el) => [...el.attributes].some((a) => a.name.startsWith('on'))).length,
-  jsLinks: [...root.querySelectorAll('[href]')].filter(
-    (el) => /^\\s*javascript:/i.test(el.getAttribute('href'))).length,
-  svgs: root.querySelectorAll('svg').length,
-})
-"""
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:  # only ever 127.0.0.1
-        return json.loads(response.read())
-
-
-def wait_for(predicate: Any, timeout: float, interval: float = 0.25) -> Any:
-    """Polls predicate() until it is truthy; returns its value or fails with the last one."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
-
-
-def fake_chat_stream(text: str, model: str = CHAT_MODEL) -> str:
-    """A chat SSE body in the server's format, carrying `text` as the reply."""
-    base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model}
-    pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
-    chunks = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
-    chunks += [{**base, "choices": [{"index": 0, "delta": {"content": p}}]} for p in pieces]
-    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    usage = {"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}
-    chunks.append({**base, "choices": [], "usage": usage})
-    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-
-
-def fulfill_sse(route: Route, body: str) -> None:
-    route.fulfill(
-        status=200,
-        headers={"Content-Type": "text/event-stream", "X-Request-Id": "fake-request"},
-        body=body,
-    )
-
 
 # ---- the five core behaviours -------------------------------------------------------------
 
@@ -205,7 +156,8 @@ def test_model_output_cannot_run_script(page_without_csp: Any, service_url: str)
     html = page.evaluate("async (t) => (await import('/render.js')).renderMarkdown(t)", XSS_PAYLOAD)
     assert "<script" not in html.split("<pre>")[0] and "onerror" not in html
     assert "javascript:" not in html and "onload" not in html
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # code block shows it as text
+    # The code block is highlighted (spans), and still shows the markup as text.
+    assert 'class="hljs language-html"' in html and "&lt;" in html
     page.evaluate(
         """async (t) => { const d = document.createElement('div');
         d.id = 'rendered'; document.body.append(d);
@@ -222,6 +174,9 @@ def test_model_output_cannot_run_script(page_without_csp: Any, service_url: str)
     reply = page.locator("[data-testid=message][data-role=assistant]").last
     expect(reply).to_have_attribute("data-status", "done")
     expect(reply).to_contain_text("Here you go")
+
+    code = page.locator("#rendered pre code")
+    expect(code).to_have_text("<script>alert(1)</script>")
 
     page.wait_for_timeout(500)  # let an onerror / onload fire if it could
     for root in ("#rendered", "[data-testid=messages]"):
