@@ -96,10 +96,10 @@ class BearerAuth:
         self.api_keys = api_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = _route_path(scope)
-        if scope["type"] != "http" or is_public(scope["method"], path):
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or is_public(scope["method"], _route_path(scope)):
+            await self.app(scope, receive, send)  # lifespan and websocket scopes too
             return
+        path = _route_path(scope)
         access = self.api_keys()
         access = access if isinstance(access, AccessKeys) else AccessKeys(access)
         keys, authorization = access.for_path(path), _header(scope, b"authorization")

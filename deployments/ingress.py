@@ -35,7 +35,7 @@ from serve_app.anthropic_api import (
     new_message_id,
 )
 from serve_app.anthropic_stream import MessagesStream
-from serve_app.config import IngressAppConfig, ModelConfig, ModelRoute
+from serve_app.config import INGRESS_DEPLOYMENT, IngressAppConfig, ModelConfig, ModelRoute
 from serve_app.errors import (
     APIError,
     ConflictError,
@@ -152,6 +152,17 @@ class Ingress:
         self.api_keys = load_access_keys(  # read by BearerAuth
             self.config.ingress.api_keys, self.config.ingress.admin_api_keys
         )
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's in-place update (no restart): a routing table newer than the args' one,
+        written by /admin/models (serve_app/live_config.py)."""
+        routes = user_config.get("models")
+        if routes is None:
+            return
+        fields = {**self.config.model_dump(mode="json"), "models": routes}
+        self.config = IngressAppConfig.model_validate(fields)
+        self.calls.route_to(self._model_ids())
+        logger.info("routing table now %s", self._model_ids())
 
     # ---- routes ------------------------------------------------------------------------
 
@@ -396,4 +407,4 @@ class Ingress:
         )
 
 
-IngressDeployment = serve.deployment(name="Ingress")(serve.ingress(app)(Ingress))
+IngressDeployment = serve.deployment(name=INGRESS_DEPLOYMENT)(serve.ingress(app)(Ingress))

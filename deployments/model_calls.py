@@ -30,6 +30,13 @@ class ModelCalls:
         }
         self.timeout_s = timeout_s
 
+    def route_to(self, model_ids: list[str]) -> None:
+        """A new routing table: handles kept for the models that stay, new ones for the rest."""
+        self.handles = {
+            model_id: self.handles.get(model_id) or DeploymentHandle(model_id, model_id)
+            for model_id in model_ids
+        }
+
     async def generate(
         self, model: ModelRoute, call: GenerateCall, is_stream: bool, include_usage: bool
     ) -> Response:

@@ -1,4 +1,4 @@
-"""`serve-app` command line: pull, run, deploy, status, chat, bench."""
+"""`serve-app` command line: pull, run, deploy, status, models, chat, bench."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from serve_app.client import DEFAULT_URL
 from serve_app.config import app_config_from_serve_config
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from serve_app.client import print_status
 
         return print_status(args.url)
+    if args.command == "models":
+        from serve_app.models_client import models_command
+
+        return models_command(args.url, args.action, args)
     if args.command == "chat":
         from serve_app.client import chat_loop
 
@@ -52,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard")
     status = commands.add_parser("status", help="models, load, replicas and health")
     status.add_argument("--url", default=DEFAULT_URL)
+    _models_parser(commands)
     chat = commands.add_parser("chat", help="terminal chat that streams the reply")
     chat.add_argument("--url", default=DEFAULT_URL)
     chat.add_argument("--model", default="smollm2-135m-instruct")
@@ -61,6 +67,27 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks/serving.py (args passed through)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _models_parser(commands: Any) -> None:
+    models = commands.add_parser("models", help="list, add, remove, load, unload models")
+    models.add_argument("--url", default=DEFAULT_URL)
+    actions = models.add_subparsers(dest="action", required=True)
+    actions.add_parser("ls", help="each model's status, idle timeout and source")
+    add = actions.add_parser("add", help="a new model (same fields as a config entry)")
+    add.add_argument("model_id", nargs="?", default=None)
+    add.add_argument("--file", help="a model entry as in config/serve.yaml (YAML or JSON)")
+    add.add_argument("--kind", choices=["chat", "completion", "embedding"])
+    add.add_argument("--source", help="pkg://..., pkg-assemble://..., hf://... or a path")
+    add.add_argument("--idle-timeout-s", type=float, default=None)
+    add.add_argument("--engine", help="engine options as JSON")
+    add.add_argument("--deployment", help="deployment options as JSON")
+    for action, text in (
+        ("rm", "remove a model once its open streams end"),
+        ("load", "bring an idle or unloaded model up; returns when it is ready"),
+        ("unload", "scale a model to zero once its open streams end"),
+    ):
+        actions.add_parser(action, help=text).add_argument("model_id")
 
 
 def pull_models(config_path: str) -> int:

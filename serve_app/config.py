@@ -59,6 +59,11 @@ class EngineOptions(_Strict):
     prepack_linear: bool = Field(
         True, description="CPU float32: Linear weights prepacked once for oneDNN (faster matmuls)"
     )
+    weights: Literal["float32", "native"] = Field(
+        "float32",
+        description="GGUF LLMs on CPU: native keeps the file's 4/8-bit weights (int4/int8 "
+        "kernels, no float32 conversion); float32 dequantizes once to a safetensors cache",
+    )
     # LLMs (kind chat or completion) only:
     max_num_seqs: int = Field(16, ge=1, description="rows in the running batch")
     max_prefill_tokens: int = Field(
@@ -313,7 +318,7 @@ def app_config_from_applications(
     front = next((a for a in apps if app_name in (None, a.get("name")) and _routes(a)), None)
     if front is None:
         raise ValueError(f"no application named {app_name!r} with args.models")
-    ingress = IngressAppConfig.model_validate(front["args"])
+    ingress = IngressAppConfig.model_validate({**front["args"], "models": _routes(front)})
     model_apps = {a.get("name"): a["args"] for a in apps if "model" in (a.get("args") or {})}
     routed = [r.id for r in ingress.models]
     unknown = sorted(set(routed) - set(model_apps))
@@ -338,9 +343,22 @@ def app_config_from_applications(
     )
 
 
+INGRESS_DEPLOYMENT = "Ingress"
+
+
 def _routes(app: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ingress application's routing table: its args' `models`, unless the Ingress
+    deployment's user_config holds a newer one (written by /admin/models, applied in place)."""
     routes: list[dict[str, Any]] = (app.get("args") or {}).get("models") or []
-    return routes
+    override = ingress_user_config(app).get("models")
+    return override if isinstance(override, list) else routes
+
+
+def ingress_user_config(app: dict[str, Any]) -> dict[str, Any]:
+    for deployment in app.get("deployments") or []:
+        if deployment.get("name") == INGRESS_DEPLOYMENT:
+            return deployment.get("user_config") or {}
+    return {}
 
 
 # ---- editing a parsed Ray Serve config (tests, scripts/multinode_demo.sh) -------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from serve_app.config import ModelConfig, app_config_from_applications
+from serve_app.config import INGRESS_DEPLOYMENT, ModelConfig, app_config_from_applications
 from serve_app.errors import ConflictError, InvalidRequestError, ModelNotFoundError
 
 MODEL_IMPORT_PATH = "deployments.app:build_model_app"
@@ -116,15 +116,28 @@ def _model_id_of(application: dict[str, Any]) -> str | None:
 def _model_application(config: dict[str, Any], model_id: str) -> dict[str, Any]:
     for application in config["applications"]:
         if _model_id_of(application) == model_id:
-            return application  # type: ignore[no-any-return]
+            return application
     raise ModelNotFoundError(model_id)
 
 
 def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The routing table to edit, in the Ingress deployment's user_config: Serve applies a new
+    user_config to the running ingress (`Ingress.reconfigure`), where new args would restart it
+    and hold every new request until its replacement is up."""
     for application in config["applications"]:
-        routes = (application.get("args") or {}).get("models")
-        if isinstance(routes, list):
-            return routes
+        args = application.get("args") or {}
+        if not isinstance(args.get("models"), list):
+            continue
+        deployments = application.setdefault("deployments", [])
+        ingress = next((d for d in deployments if d.get("name") == INGRESS_DEPLOYMENT), None)
+        if ingress is None:
+            ingress = {"name": INGRESS_DEPLOYMENT}
+            deployments.append(ingress)
+        user_config = ingress.setdefault("user_config", {})
+        routes: list[dict[str, Any]] = user_config.setdefault(
+            "models", copy.deepcopy(args["models"])
+        )
+        return routes
     raise InvalidRequestError("The running config has no ingress application.", param=None)
 
 

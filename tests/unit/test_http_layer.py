@@ -153,6 +153,7 @@ def test_admin_keys_alone_open_admin(monkeypatch: pytest.MonkeyPatch, api_keys: 
         return {}
 
     client = TestClient(app)
+    client.__enter__()  # runs the lifespan scope through the middleware too (it has no path)
 
     def get(path: str, key: str | None) -> int:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -165,6 +166,7 @@ def test_admin_keys_alone_open_admin(monkeypatch: pytest.MonkeyPatch, api_keys: 
         assert get("/v1/models", "user-key") == 200 and get("/v1/models", "admin-key") == 401
     else:
         assert get("/v1/models", None) == 200  # the API stays open
+    client.__exit__(None, None, None)
 
 
 def test_without_admin_keys_admin_takes_the_api_keys(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -372,3 +372,19 @@ def test_finished_stream_counts_no_error(
     outputs = [Admitted(3), output("a", "stop")]
     _stream(make_client(outputs=outputs))
     assert recorded_errors == []
+
+
+def test_a_new_routing_table_applies_in_place(make_client: Callable[..., TestClient]) -> None:
+    """Ingress.reconfigure (Serve's user_config): /admin/models' table, without a restart."""
+    client = make_client()
+    ingress = serve.get_replica_context().servable_object
+    ingress.reconfigure(
+        {"models": [{"id": MODEL, "kind": "chat"}, {"id": "new-m", "kind": "chat"}]}
+    )
+    ids = [m["id"] for m in client.get("/v1/models", headers=AUTH).json()["data"]]
+    assert ids == [MODEL, "new-m"] and set(ingress.calls.handles) == {MODEL, "new-m"}
+    assert ingress.calls.handles[MODEL] is client.handle  # kept, not rebuilt
+    ingress.reconfigure({"models": [{"id": "new-m", "kind": "chat"}]})
+    assert error_of(client.post("/v1/chat/completions", json=CHAT, headers=AUTH), 404)
+    ingress.reconfigure({})  # no table: the current one stays
+    assert [m["id"] for m in client.get("/v1/models", headers=AUTH).json()["data"]] == ["new-m"]

@@ -32,6 +32,18 @@ def test_add_makes_an_application_and_a_route_that_read_back(config: dict[str, A
     application = edited["applications"][-1]
     assert application["name"] == NEW.id and application["route_prefix"] is None
     assert application["args"]["cache_dir"] == "~/.cache/serve-app"  # the others' cache
+    # The new routing table is the Ingress's user_config: the ingress's args (its code version)
+    # stay, so Serve reconfigures the running ingress instead of replacing it.
+    ingress, original = edited["applications"][0], config["applications"][0]
+    assert ingress["args"] == original["args"]
+    [override] = ingress["deployments"]
+    assert override["name"] == "Ingress"
+    assert override["user_config"]["models"][-1] == {"id": NEW.id, "kind": "chat"}
+    again = live_config.remove_model(edited, NEW.id)
+    assert (
+        again["applications"][0]["deployments"][0]["user_config"]["models"]
+        == (original["args"]["models"])
+    )
 
 
 def test_add_refuses_a_duplicate_id(config: dict[str, Any]) -> None:
