@@ -169,7 +169,7 @@ def test_stop_in_one_column_cancels_only_that_request(chat: Any, service_url: st
     page = chat.page
     stats = {m: f"{service_url}/admin/models/{m}/stats" for m in (CHAT_MODEL, BASE_MODEL)}
     aborted_before = {m: get_json(url)["num_aborted"] for m, url in stats.items()}
-    chat.set_max_tokens(160)
+    chat.set_max_tokens(120)
     start_compare(chat, [CHAT_MODEL, BASE_MODEL], "Write a long story about a dragon")
     page.wait_for_function(
         """() => [...document.querySelectorAll(
@@ -180,26 +180,46 @@ def test_stop_in_one_column_cancels_only_that_request(chat: Any, service_url: st
     )
     smol, gemma = column_reply(page, CHAT_MODEL), column_reply(page, BASE_MODEL)
     assert smol.get_attribute("data-status") == "streaming", "SmolLM2 finished before Stop"
-    smol_request_id = smol.get_attribute("data-request-id")
-    assert smol_request_id
     column(page, CHAT_MODEL).get_by_test_id("column-stop").click()
 
     expect(smol).to_have_attribute("data-status", "stopped", timeout=10_000)
     assert gemma.get_attribute("data-status") != "stopped"
+    assert request_ids(smol) and not request_ids(smol) & request_ids(gemma)
 
     def smol_cancelled() -> bool:
         now = get_json(stats[CHAT_MODEL])
-        return (
-            now["num_aborted"] > aborted_before[CHAT_MODEL]
-            and smol_request_id not in now["running_ids"]
-        )
+        still_running = request_ids(smol) & set(now["running_ids"])
+        return now["num_aborted"] > aborted_before[CHAT_MODEL] and not still_running
 
     wait_for(smol_cancelled, timeout=30)
-    expect(gemma).to_have_attribute("data-status", "done", timeout=120_000)
-    assert get_json(stats[BASE_MODEL])["num_aborted"] == aborted_before[BASE_MODEL]
-    expect(gemma.get_by_test_id("message-meta")).not_to_contain_text("stopped")
     expect(smol.get_by_test_id("message-meta")).to_contain_text("stopped")
-    expect(page.get_by_test_id("send")).to_be_visible()
+
+    # Gemma's request goes on: not aborted on the server, still running there or done.
+    gemma_stats = get_json(stats[BASE_MODEL])
+    assert gemma_stats["num_aborted"] == aborted_before[BASE_MODEL]
+    text_then = gemma.get_by_test_id("message-content").inner_text()
+    if not request_ids(gemma) & set(gemma_stats["running_ids"]):  # it may just have ended
+        expect(gemma).to_have_attribute("data-status", "done", timeout=10_000)
+    if gemma.get_attribute("data-status") == "streaming":
+        page.wait_for_function(
+            """([t]) => { const c = document.querySelector(
+                 "[data-testid=compare-column][data-model='gemma-3-270m'] [data-role=assistant]");
+               return c.dataset.status !== 'streaming'
+                   || c.querySelector('[data-testid=message-content]').innerText.length > t; }""",
+            arg=[len(text_then)],
+            timeout=60_000,
+        )
+    assert gemma.get_attribute("data-status") in ("streaming", "done")
+    expect(gemma.get_by_test_id("message-meta")).not_to_contain_text("stopped")
+    assert get_json(stats[BASE_MODEL])["num_aborted"] == aborted_before[BASE_MODEL]
+    if gemma.get_attribute("data-status") == "streaming":  # on a slow machine: end it here
+        column(page, BASE_MODEL).get_by_test_id("column-stop").click()
+    expect(page.get_by_test_id("send")).to_be_visible(timeout=10_000)
+
+
+def request_ids(reply: Any) -> set[str]:
+    # Ray Serve adds an X-Request-Id of its own beside the app's; fetch joins them with ", ".
+    return {part.strip() for part in (reply.get_attribute("data-request-id") or "").split(",")}
 
 
 # ---- edit, branches, export / import, search ----------------------------------------------
