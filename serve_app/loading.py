@@ -13,9 +13,10 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from serve_app.config import EngineOptions, ModelConfig
 from serve_app.engine.embedding import EmbeddingEngine
+from serve_app.engine.gguf_weights import load_native_model
 from serve_app.engine.llm_engine import LLMEngine
 from serve_app.engine.packed_linear import can_pack, pack_linear_layers
-from serve_app.model_store import prepare_weights
+from serve_app.model_store import is_native_folder, prepare_weights
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,7 +53,13 @@ def load_model(
     configure_threads(options)
     directory = prepare_weights(model_config, cache_dir)
     device = pick_device(options, has_gpu)
+    if is_native_folder(directory) and device.type != "cpu":  # native weights are CPU kernels
+        directory = prepare_weights(model_config, cache_dir, native=False)
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    if is_native_folder(directory):
+        model, report = load_native_model(directory, auto_class)
+        logger.info("native GGUF weights: %s", report.forms)
+        return model, tokenizer, device
     model = auto_class.from_pretrained(
         directory,
         dtype=pick_dtype(options, device),

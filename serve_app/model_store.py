@@ -1,9 +1,12 @@
 """Model sources -> local weights: package files, local paths, Hugging Face repos; GGUF cache.
 
 A GGUF file is dequantized once (slow, tens of seconds) and saved as safetensors in a cache
-folder keyed by the file's sha256, so every later start loads it in about a second. Replicas
-that start together convert it once: one holds a file lock while it converts, the others wait
-and reuse its folder, which is published whole (written aside, then renamed into place).
+folder keyed by the file's sha256, so every later start loads it in about a second. With
+`weights: native` (LLMs on CPU) nothing is dequantized: the folder holds only the config, the
+tokenizer and an index of the file's tensors, and the engine reads the GGUF itself
+(engine/gguf_weights.py). Replicas that start together prepare a folder once: one holds a file
+lock while it writes, the others wait and reuse its folder, which is published whole (written
+aside, then renamed into place).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from serve_app.config import ModelConfig
 logger = logging.getLogger(__name__)
 
 _COMPLETE_MARKER = "serve-app-complete.json"
+_NATIVE_INDEX = "gguf_tensors.json"  # engine/gguf_weights.py's INDEX_FILE
 _HF_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 
@@ -69,21 +73,42 @@ def resolve_source(model: ModelConfig, cache_dir: Path) -> LocalWeights:
         ) from exc
 
 
-def prepare_weights(model: ModelConfig, cache_dir: Path) -> Path:
-    """Returns a folder of safetensors + tokenizer for the model, converting GGUF once."""
+def wants_native_weights(model: ModelConfig) -> bool:
+    """Whether a GGUF source of this model is served in its own quantized form: LLMs on CPU in
+    float32 (activations), unless another quantization is asked for."""
+    options = model.engine
+    return (
+        options.weights == "native"
+        and model.kind != "embedding"
+        and options.device != "cuda"
+        and options.dtype in ("auto", "float32")
+        and options.quantization == "none"
+    )
+
+
+def is_native_folder(directory: Path) -> bool:
+    return (directory / _NATIVE_INDEX).exists()
+
+
+def prepare_weights(model: ModelConfig, cache_dir: Path, *, native: bool | None = None) -> Path:
+    """Returns a folder the engine loads the model from, preparing a GGUF source once: config,
+    tokenizer and tensor index (native: the model's default, see wants_native_weights), or
+    safetensors dequantized to float32 (native=False)."""
     weights = resolve_source(model, cache_dir)
     if weights.gguf_file is None:
         return weights.directory
+    native = wants_native_weights(model) if native is None else native
     gguf_path = weights.directory / weights.gguf_file
-    target = cache_dir / "converted" / f"{model.id}-{_sha256(gguf_path)[:16]}"
-    if _is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.with_name(target.name + ".lock")):
-        if _is_complete(target):  # another replica converted it while this one waited
-            return target
-        logger.info("converting %s to safetensors in %s (once)", gguf_path, target)
-        _convert_gguf(weights, target, model.kind)
+    kind = "native" if native else "converted"
+    target = cache_dir / kind / f"{model.id}-{_sha256(gguf_path)[:16]}"
+    if not _is_complete(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(target.with_name(target.name + ".lock")):
+            if not _is_complete(target):  # else another replica prepared it meanwhile
+                logger.info("preparing %s from %s in %s (once)", kind, gguf_path, target)
+                _prepare_folder(weights, target, model.kind, native)
+    if native:
+        _point_index_at(target, gguf_path)
     return target
 
 
@@ -155,25 +180,57 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _convert_gguf(weights: LocalWeights, target: Path, kind: str) -> None:
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+def _prepare_folder(weights: LocalWeights, target: Path, kind: str, native: bool) -> None:
+    from transformers import AutoTokenizer
 
-    model_class = AutoModel if kind == "embedding" else AutoModelForCausalLM
     directory, gguf_file = str(weights.directory), weights.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    model = model_class.from_pretrained(directory, gguf_file=gguf_file, dtype="float32")
-    # save_pretrained refuses a GGUF-loaded model while it still looks quantized.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    assert gguf_file is not None
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        model.save_pretrained(staging)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        if native:
+            _write_native(weights.directory / gguf_file, staging)
+        else:
+            _convert_gguf(weights, staging, kind)
         tokenizer.save_pretrained(staging)
         (staging / _COMPLETE_MARKER).write_text(json.dumps({"gguf_file": gguf_file}))
         _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_native(gguf_path: Path, staging: Path) -> None:
+    """Config, generation config and tensor index: what the engine needs besides the file."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from serve_app.engine.gguf_weights import write_index
+
+    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config.save_pretrained(staging)
+    GenerationConfig.from_model_config(config).save_pretrained(staging)
+    write_index(gguf_path, staging)
+
+
+def _point_index_at(target: Path, gguf_path: Path) -> None:
+    """The same bytes (same sha256) may lie elsewhere now (a reinstalled package)."""
+    index_path = target / _NATIVE_INDEX
+    index = json.loads(index_path.read_text())
+    if index["gguf_path"] != str(gguf_path):
+        index["gguf_path"] = str(gguf_path)
+        index_path.write_text(json.dumps(index))
+
+
+def _convert_gguf(weights: LocalWeights, staging: Path, kind: str) -> None:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model_class = AutoModel if kind == "embedding" else AutoModelForCausalLM
+    directory, gguf_file = str(weights.directory), weights.gguf_file
+    model = model_class.from_pretrained(directory, gguf_file=gguf_file, dtype="float32")
+    # save_pretrained refuses a GGUF-loaded model while it still looks quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(staging)
 
 
 def _publish(staging: Path, target: Path) -> None:

@@ -1,0 +1,200 @@
+"""GGUF weights served natively: the 4-bit groups reproduce the file's values, the kernels'
+layers multiply like the dequantized weights, and a tiny Llama written as GGUF (Q4_0, Q4_1,
+Q5_0, Q8_0 tensors) loaded natively gives the logits of transformers' dequantized load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFWriter, dequantize, quantize
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from serve_app.config import ModelConfig
+from serve_app.engine.gguf_weights import int4_groups, load_native_model, write_index
+from serve_app.engine.quantized_linear import (
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    can_run_int4,
+    int8_per_channel,
+)
+from serve_app.model_store import is_native_folder, wants_native_weights
+
+pytestmark = pytest.mark.skipif(not can_run_int4(), reason="torch has no CPU int4 kernels")
+
+
+def _q4k_blocks(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random Q4_K rows (gguf cannot quantize to Q4_K): any bytes are a valid block once its
+    two fp16 factors are finite."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+    factors = rng.uniform(0.001, 0.02, (rows, cols // 256, 2)).astype(np.float16)
+    blocks[..., :4] = factors.view(np.uint8).reshape(rows, cols // 256, 4)
+    return blocks.reshape(rows, -1)
+
+
+def _quantized(qtype: T, rows: int = 48, cols: int = 256) -> np.ndarray:
+    if qtype == T.Q4_K:
+        return _q4k_blocks(rows, cols)
+    weight = np.random.default_rng(1).normal(0, 0.05, (rows, cols)).astype(np.float32)
+    weight[:, :32] += 0.1  # blocks whose values are not centred on 0 (Q4_1's min matters)
+    return quantize(weight, qtype)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K])
+def test_int4_groups_reproduce_the_files_values(qtype: T) -> None:
+    raw = _quantized(qtype)
+    q, scales, zeros = int4_groups(raw, qtype)
+    assert q.min() >= 0 and q.max() <= 15
+    groups = np.repeat(scales, 32, axis=1), np.repeat(zeros, 32, axis=1)
+    rebuilt = (q.astype(np.float32) - 8) * groups[0] + groups[1]
+    reference = dequantize(raw, qtype)
+    assert rebuilt.shape == reference.shape
+    np.testing.assert_allclose(rebuilt, reference, rtol=0, atol=1e-6 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K])
+def test_int4_linear_multiplies_like_the_dequantized_weight(qtype: T) -> None:
+    raw = _quantized(qtype)
+    q, scales, zeros = (torch.from_numpy(a.astype(np.float32)) for a in int4_groups(raw, qtype))
+    layer = Int4Linear(q, scales, zeros)
+    reference = torch.from_numpy(dequantize(raw, qtype))
+    # The kernel's weight differs from the file's only by bf16 scales and zeros.
+    assert (layer.dequantized() - reference).abs().max() <= 0.01 * reference.abs().max()
+    x = torch.randn(3, 5, reference.shape[1])
+    expected = x @ reference.t()
+    got = layer(x)
+    assert got.shape == (3, 5, reference.shape[0]) and got.dtype == torch.float32
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_int8_per_channel_and_the_shared_embedding() -> None:
+    weight = torch.randn(40, 64)
+    q, scales = int8_per_channel(weight)
+    head = Int8Linear(q, scales)
+    assert (head.dequantized() - weight).abs().max() <= scales.max() * 0.51
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(head(x), x @ weight.t(), atol=0.1, rtol=0.02)
+    lookup = Int8Embedding(head, embed_scale=torch.tensor(2.0))
+    ids = torch.tensor([[3, 39]])
+    torch.testing.assert_close(lookup(ids), 2 * head.dequantized()[ids], rtol=0.01, atol=1e-6)
+
+
+# ---- a tiny Llama as a GGUF file -------------------------------------------------------
+
+HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 128, 2, 4, 2, 96
+LINEAR_TYPES = {
+    "attn_q": T.Q4_0,
+    "attn_k": T.Q4_1,
+    "attn_v": T.Q8_0,
+    "attn_output": T.Q4_1,
+    "ffn_gate": T.Q5_0,
+    "ffn_up": T.Q4_0,
+    "ffn_down": T.Q4_1,
+}
+SHAPES = {
+    "attn_q": (HIDDEN, HIDDEN),
+    "attn_k": (HIDDEN // 2, HIDDEN),
+    "attn_v": (HIDDEN // 2, HIDDEN),
+    "attn_output": (HIDDEN, HIDDEN),
+    "ffn_gate": (FFN, HIDDEN),
+    "ffn_up": (FFN, HIDDEN),
+    "ffn_down": (HIDDEN, FFN),
+}
+
+
+def write_tiny_gguf(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    writer = GGUFWriter(str(path), arch="llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(VOCAB)
+
+    def add(name: str, values: np.ndarray, qtype: T) -> None:
+        if qtype == T.F32:
+            writer.add_tensor(name, values.astype(np.float32))
+        else:
+            writer.add_tensor(name, quantize(values, qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", rng.normal(0, 0.5, (VOCAB, HIDDEN)).astype(np.float32), T.Q8_0)
+    add("output_norm.weight", rng.uniform(0.5, 1.5, HIDDEN).astype(np.float32), T.F32)
+    for layer in range(LAYERS):
+        for name, qtype in LINEAR_TYPES.items():
+            weight = rng.normal(0, 0.2, SHAPES[name]).astype(np.float32)
+            add(f"blk.{layer}.{name}.weight", weight, qtype)
+        for norm in ("attn_norm", "ffn_norm"):
+            add(f"blk.{layer}.{norm}.weight", rng.uniform(0.5, 1.5, HIDDEN), T.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
+    write_tiny_gguf(path)
+    return path
+
+
+def native_folder(gguf_path: Path, folder: Path) -> Path:
+    """What model_store's native preparation writes, less the tokenizer."""
+    AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(folder)
+    write_index(gguf_path, folder)
+    return folder
+
+
+def test_native_load_gives_transformers_dequantized_logits(tiny_gguf: Path, tmp_path: Path) -> None:
+    folder = native_folder(tiny_gguf, tmp_path / "native")
+    assert is_native_folder(folder)
+    native, report = load_native_model(folder, AutoModelForCausalLM)
+    assert report.forms == {
+        "Q8_0->int8 embedding": 1,
+        "Q8_0->int8 tied head": 1,
+        "Q4_0->int4": 2 * LAYERS,
+        "Q4_1->int4": 3 * LAYERS,
+        "Q8_0->int8": LAYERS,
+        "Q5_0->int8": LAYERS,
+        "F32->float32": 2 * LAYERS + 1,
+    }
+    assert isinstance(native.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert isinstance(native.lm_head, Int8Linear)
+    assert not any(p.device.type == "meta" for p in native.parameters())
+
+    reference = AutoModelForCausalLM.from_pretrained(
+        tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32
+    ).eval()
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = reference(input_ids=ids).logits, native(input_ids=ids).logits
+    # q/k rows in the order transformers un-permutes them to: a wrong order changes attention.
+    p, q = torch.log_softmax(expected, -1), torch.log_softmax(got, -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    assert float(kl.mean()) < 0.01, float(kl.mean())
+    agreement = (expected.argmax(-1) == got.argmax(-1)).float().mean()
+    assert agreement >= 0.9
+
+
+def test_wants_native_only_for_cpu_llms() -> None:
+    def model(kind: str = "chat", **engine: object) -> ModelConfig:
+        return ModelConfig(
+            id="m", kind=kind, source="x.gguf", engine={"weights": "native", **engine}
+        )
+
+    assert wants_native_weights(model())
+    assert not wants_native_weights(model(kind="embedding"))
+    assert not wants_native_weights(model(device="cuda"))
+    assert not wants_native_weights(model(quantization="int8"))
+    assert not wants_native_weights(model(dtype="bfloat16"))
+    float32 = ModelConfig(id="m", kind="chat", source="x.gguf", engine={"weights": "float32"})
+    assert not wants_native_weights(float32)
