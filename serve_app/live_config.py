@@ -58,24 +58,27 @@ def remove_model(config: dict[str, Any], model_id: str) -> dict[str, Any]:
 
 
 def set_unloaded(config: dict[str, Any], model_id: str, is_unloaded: bool) -> dict[str, Any]:
-    """`config` with the model's deployment scaled to zero (an override of its autoscaling in
-    the application's `deployments`), or with that override gone (its own options again)."""
+    """`config` with the model's deployment scaled to zero, or back to its own replica counts:
+    both an override of its autoscaling in the application's `deployments`. Loading keeps an
+    override (of the model's own counts) rather than dropping it: Ray 2.60 hashes whether a
+    deployment has an autoscaling override into the code version, so adding or dropping one
+    restarts the model, while changing one does not."""
     edited = copy.deepcopy(config)
     application = _model_application(edited, model_id)
     overrides = [d for d in application.get("deployments") or [] if d.get("name") != model_id]
-    if is_unloaded:
-        overrides.append(_unloaded_override(application))
-    if overrides:
-        application["deployments"] = overrides
-    else:
-        application.pop("deployments", None)
+    overrides.append(_autoscaling_override(application, is_unloaded))
+    application["deployments"] = overrides
     return checked(edited)
 
 
 def is_unloaded(config: dict[str, Any], model_id: str) -> bool:
     application = _model_application(config, model_id)
     overrides = [d for d in application.get("deployments") or [] if d.get("name") == model_id]
-    return any((d.get("autoscaling_config") or {}).get("initial_replicas") == 0 for d in overrides)
+    return any(_is_unloaded_autoscaling(d.get("autoscaling_config") or {}) for d in overrides)
+
+
+def _is_unloaded_autoscaling(autoscaling: dict[str, Any]) -> bool:
+    return all(autoscaling.get(key) == value for key, value in UNLOADED_AUTOSCALING.items())
 
 
 def model_ids(config: dict[str, Any]) -> list[str]:
@@ -96,14 +99,18 @@ def checked(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _unloaded_override(application: dict[str, Any]) -> dict[str, Any]:
+def _autoscaling_override(application: dict[str, Any], is_unloaded: bool) -> dict[str, Any]:
+    """The model's own replica counts as an autoscaling config (a fixed count as min = max),
+    or, unloaded, the same scaled to zero whenever no request is open."""
     model = ModelConfig.model_validate(application["args"]["model"])
     options = model.serve_deployment()
-    max_replicas = (options.autoscaling_config or {}).get("max_replicas")
-    if max_replicas is None:
-        max_replicas = options.num_replicas if isinstance(options.num_replicas, int) else 1
-    autoscaling = {**(options.autoscaling_config or {}), **UNLOADED_AUTOSCALING}
-    autoscaling["max_replicas"] = max(1, max_replicas)
+    if options.autoscaling_config is not None:
+        own = dict(options.autoscaling_config)
+    else:
+        count = options.num_replicas if isinstance(options.num_replicas, int) else 1
+        own = {"min_replicas": count, "max_replicas": count, "initial_replicas": count}
+    own["max_replicas"] = max(1, own.get("max_replicas", 1))
+    autoscaling = {**own, **UNLOADED_AUTOSCALING} if is_unloaded else own
     # "auto" lets Serve take an autoscaling config where the code set a fixed count.
     return {"name": model.id, "num_replicas": "auto", "autoscaling_config": autoscaling}
 
