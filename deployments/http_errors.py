@@ -147,6 +147,10 @@ def _error_statuses(path: str, operation: dict[str, Any], is_generation: bool) -
     statuses = {"500": "Unexpected server error."}
     if path.startswith(("/v1/", "/admin/")):
         statuses["401"] = "Missing or invalid API key (when keys are configured)."
+    if path.startswith("/admin/"):
+        statuses["403"] = "An API key where admin keys are configured (only they open /admin)."
+    if path == "/admin/models" and has_body:
+        statuses["409"] = "A model with this id exists."
     if has_body or has_params:
         statuses["400"] = "Invalid body or parameter (named in `param`)."
         statuses["404"] = "Unknown model."
