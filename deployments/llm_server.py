@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
@@ -17,7 +17,7 @@ from ray import serve
 from deployments.metrics import RequestTimer, record_engine_stats
 from deployments.model_replica import ModelReplica
 from serve_app.engine.types import RequestOutput, SamplingParams
-from serve_app.errors import APIError, InvalidRequestError
+from serve_app.errors import APIError, InvalidRequestError, ServiceUnavailableError
 from serve_app.openai_adapter import (
     Admitted,
     ChoiceOutput,
@@ -30,23 +30,32 @@ from serve_app.openai_adapter import (
 from serve_app.reasoning import ReasoningParser, reasoning_splitter
 
 if TYPE_CHECKING:
-    from serve_app.engine.grammar import CompiledGrammar
+    from serve_app.engine.engine_client import EngineClient
     from serve_app.engine.llm_engine import LLMEngine
+
+    Engine = LLMEngine | EngineClient
+    # What the engine's compile_grammar returned (CompiledGrammar or RemoteGrammar), handed
+    # back to the same engine's generate unopened.
+    Grammar = Any
 
 logger = logging.getLogger(__name__)
 
 # A step that has not come back for this long means the inference thread is stuck.
 _MAX_STEP_SECONDS = 120.0
+# SERVE_APP_ENGINE_PROCESS=0 runs the engine in the replica's process (an inference thread),
+# as before the split; a model option `engine_process` (when config.py has it) overrides it.
+ENGINE_PROCESS_ENV = "SERVE_APP_ENGINE_PROCESS"
 
 
 @serve.deployment
-class LLMServer(ModelReplica["LLMEngine"]):
+class LLMServer(ModelReplica["Engine"]):
     def __init__(self, model_config: dict[str, Any], cache_dir: str) -> None:
-        # Imported here: torch and transformers load in the replica only, not in the Serve
-        # controller's app-building task (4 apps built in parallel on 2 cores: ~8 s of warm start).
-        from serve_app.loading import build_llm_engine
+        self._load(model_config, cache_dir, _engine_builder(model_config))
 
-        self._load(model_config, cache_dir, build_llm_engine)
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None and hasattr(engine, "kill"):
+            engine.kill()  # the child also dies with this process (engine_process.py)
 
     async def generate(
         self, call: GenerateCall
@@ -54,7 +63,7 @@ class LLMServer(ModelReplica["LLMEngine"]):
         """Admitted (or Rejected), then the engine's deltas: RequestOutputs for one choice,
         ChoiceOutputs (interleaved as they come) for n > 1."""
         try:
-            engine = self._ready_engine()
+            engine = self._running_engine()
             prompt_ids = await self._off_loop(
                 prompt_token_ids, call, engine.tokenizer, engine.max_model_len
             )
@@ -80,13 +89,22 @@ class LLMServer(ModelReplica["LLMEngine"]):
         finally:
             record_engine_stats(self.config.id, engine.stats())
 
+    def _running_engine(self) -> Engine:
+        engine = self._ready_engine()
+        if not engine.is_alive:  # check_health fails too: Ray is replacing this replica
+            raise ServiceUnavailableError(
+                f"Model '{self.config.id}' is restarting: its engine stopped",
+                code="model_unavailable",
+            )
+        return engine
+
     async def _timed(
         self,
-        engine: LLMEngine,
+        engine: Engine,
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
-        grammar: CompiledGrammar | None,
+        grammar: Grammar | None,
         reasoning: ReasoningParser | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """One engine request, its latencies recorded; with a reasoning parser each delta's
@@ -103,11 +121,11 @@ class LLMServer(ModelReplica["LLMEngine"]):
 
     async def _choices(
         self,
-        engine: LLMEngine,
+        engine: Engine,
         call: GenerateCall,
         prompt_ids: list[int],
         params: SamplingParams,
-        grammar: CompiledGrammar | None,
+        grammar: Grammar | None,
     ) -> AsyncIterator[ChoiceOutput]:
         """n choices queued together (so one prefill serves them all), their outputs
         interleaved as they come. A seeded request seeds choice i with seed + i."""
@@ -153,7 +171,9 @@ class LLMServer(ModelReplica["LLMEngine"]):
     async def stats(self) -> dict[str, Any]:
         if self.engine is None:
             return {"error": self.load_error, "pid": os.getpid()}
-        return {**dataclasses.asdict(self.engine.stats()), "pid": os.getpid()}
+        engine_pid = getattr(self.engine, "pid", os.getpid())  # the engine process's, if any
+        stats = dataclasses.asdict(self.engine.stats())
+        return {**stats, "pid": os.getpid(), "engine_pid": engine_pid}
 
     def check_health(self) -> None:
         """Ray calls this periodically; raising makes Ray replace the replica."""
@@ -163,7 +183,25 @@ class LLMServer(ModelReplica["LLMEngine"]):
         if not engine.is_alive:
             raise RuntimeError(f"{self.config.id}: inference thread died")
         if engine.is_stuck(_MAX_STEP_SECONDS):
+            if hasattr(engine, "kill"):  # a hung engine process: its requests end with errors
+                engine.kill()
             raise RuntimeError(f"{self.config.id}: inference thread stuck")
+
+
+def _engine_builder(model_config: dict[str, Any]) -> Callable[..., Engine]:
+    """EngineClient (an engine process per replica) unless the model or the environment asks
+    for the engine in this process. Imported here: torch and transformers load in the replica
+    only, not in the Serve controller's app-building task (4 apps built in parallel on 2 cores:
+    ~8 s of warm start)."""
+    option = model_config.get("engine", {}).get("engine_process")
+    in_child = os.environ.get(ENGINE_PROCESS_ENV, "1") != "0" if option is None else option
+    if in_child:
+        from serve_app.engine.engine_client import EngineClient
+
+        return EngineClient
+    from serve_app.loading import build_llm_engine
+
+    return build_llm_engine
 
 
 def _check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
@@ -177,7 +215,7 @@ def _check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
         )
 
 
-async def _compiled_grammar(engine: LLMEngine, call: GenerateCall) -> CompiledGrammar | None:
+async def _compiled_grammar(engine: Engine, call: GenerateCall) -> Grammar | None:
     """The request's structured-output grammar, compiled off the loop (400 if refused)."""
     from serve_app.engine.grammar import GrammarError
 

@@ -10,20 +10,24 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from deployments.placement import replica_has_gpu
 from serve_app.config import ModelConfig
 from serve_app.errors import ServiceUnavailableError
 from serve_app.model_store import ModelSourceError
 
-if TYPE_CHECKING:  # torch stays out of the processes that only build the Serve apps
-    from serve_app.engine.embedding import EmbeddingEngine
-    from serve_app.engine.llm_engine import LLMEngine
-
 logger = logging.getLogger(__name__)
 
-EngineT = TypeVar("EngineT", "LLMEngine", "EmbeddingEngine")
+
+class _Engine(Protocol):
+    """What every engine a replica holds has (LLMEngine, EngineClient, EmbeddingEngine)."""
+
+    @property
+    def max_model_len(self) -> int: ...
+
+
+EngineT = TypeVar("EngineT", bound=_Engine)
 T = TypeVar("T")
 
 

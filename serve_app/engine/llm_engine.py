@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import torch
@@ -78,6 +78,9 @@ class LLMEngine:
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._is_stopping = False
         self.last_step_at = time.monotonic()
+        # Called on the inference thread after every iteration (and once after the loop ends):
+        # the engine process (engine_process.py) sends that iteration's outputs from it.
+        self.on_step: Callable[[], None] | None = None
 
     # ---- public API (any thread) -------------------------------------------------------
 
@@ -130,7 +133,15 @@ class LLMEngine:
         grammar: CompiledGrammar | None = None,
     ) -> None:
         """Queues a request; `grammar` (from compile_grammar) constrains its output."""
-        self._inbox.put(("add", [self._sequence(request_id, prompt_ids, params, sink, grammar)]))
+        self.submit_group([(request_id, prompt_ids, params, sink, grammar)])
+
+    def submit_group(
+        self,
+        requests: list[tuple[str, list[int], SamplingParams, OutputSink, CompiledGrammar | None]],
+    ) -> None:
+        """Queues requests in one message, so they join the same step (n choices of a prompt
+        share one prefill): each is (request_id, prompt_ids, params, sink, grammar)."""
+        self._inbox.put(("add", [self._sequence(*request) for request in requests]))
 
     def _sequence(
         self,
@@ -176,7 +187,7 @@ class LLMEngine:
         is_finished = False
         try:
             while not is_finished:
-                output = _merged(await outputs.get(), outputs)
+                output = merged(await outputs.get(), outputs)
                 is_finished = output.is_finished
                 yield output
         finally:
@@ -202,12 +213,14 @@ class LLMEngine:
 
             return sink
 
-        seqs = [
-            self._sequence(f"{request_id}-{i}", prompt_ids, params, sink_of(i), grammar)
-            for i, params in enumerate(choice_params)
-        ]
-        self._inbox.put(("add", seqs))
-        unfinished = set(range(len(seqs)))
+        choice_ids = [f"{request_id}-{i}" for i in range(len(choice_params))]
+        self.submit_group(
+            [
+                (choice_id, prompt_ids, params, sink_of(i), grammar)
+                for i, (choice_id, params) in enumerate(zip(choice_ids, choice_params, strict=True))
+            ]
+        )
+        unfinished = set(range(len(choice_ids)))
         try:
             while unfinished:
                 index, output = await ready.get()
@@ -216,7 +229,7 @@ class LLMEngine:
                 yield index, output
         finally:
             for index in unfinished:  # consumer went away: free the choices still running
-                self.abort(seqs[index].request_id)
+                self.abort(choice_ids[index])
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
@@ -302,9 +315,15 @@ class LLMEngine:
                     self._fail_all(f"engine error: {exc}")
                 if was_busy and not self.is_busy:
                     release_free_memory()
+                self._after_step()
         finally:
             # Whatever ended the loop, nobody in flight is left waiting for a token.
             self._fail_all("the inference thread stopped")
+            self._after_step()
+
+    def _after_step(self) -> None:
+        if self.on_step is not None:
+            self.on_step()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -339,7 +358,7 @@ class LLMEngine:
             seq.sink(self.processor.finish(seq, FinishReason.ERROR, error=message))
 
 
-def _merged(output: RequestOutput, ready: asyncio.Queue[RequestOutput]) -> RequestOutput:
+def merged(output: RequestOutput, ready: asyncio.Queue[RequestOutput]) -> RequestOutput:
     """This output plus every one already queued behind it, as one: a consumer that fell behind
     (a busy event loop, a slow client) gets one item per wake-up instead of one per token, so
     fewer items cross Ray; one that keeps up still gets each token as it comes."""

@@ -18,9 +18,12 @@ from tests.unit.conftest import tiny_model_config
 ServerClass: Any = LLMServer.func_or_class  # the plain class under @serve.deployment
 
 
-def make_server(source: str, tmp_path: Path) -> Any:
+def make_server(source: str, tmp_path: Path, engine_process: bool = False) -> Any:
+    """The replica's class; its engine in this process (tests reach into it) unless asked."""
     config = tiny_model_config(Path(source)).model_dump(mode="json")
-    return ServerClass(config, str(tmp_path))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(llm_server_module.ENGINE_PROCESS_ENV, "1" if engine_process else "0")
+        return ServerClass(config, str(tmp_path))
 
 
 def call(max_tokens: int = 8, **fields: Any) -> GenerateCall:

@@ -81,7 +81,9 @@ async def test_the_loop_ticks_while_a_long_prompt_tokenizes(
     server: Any = make_server(str(tmp_path / "absent"), tmp_path)  # no engine thread needed
     tokenizer = SlowTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
     server.engine = type(
-        "Engine", (), {"tokenizer": tokenizer, "max_model_len": 512, "vocab_size": 512}
+        "Engine",
+        (),
+        {"tokenizer": tokenizer, "max_model_len": 512, "vocab_size": 512, "is_alive": True},
     )()
     stream = server.generate(call())
     first, pause = await longest_pause_while(stream.__anext__())
