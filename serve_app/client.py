@@ -15,17 +15,21 @@ from serve_app.sse import DONE, iter_data
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _headers() -> dict[str, str]:
-    key = os.environ.get("SERVE_APP_API_KEY")
+def auth_headers(is_admin: bool = False) -> dict[str, str]:
+    """$SERVE_APP_API_KEY; for /admin, $SERVE_APP_ADMIN_API_KEY first (when admin keys are
+    configured, only they open /admin)."""
+    admin_key = os.environ.get("SERVE_APP_ADMIN_API_KEY") if is_admin else None
+    key = admin_key or os.environ.get("SERVE_APP_API_KEY")
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def print_status(url: str, out: TextIO = sys.stdout) -> int:
     """Models (kind, status, load) and replicas; exit code 0 only when /health is 200."""
-    with httpx.Client(base_url=url, headers=_headers(), timeout=10) as client:
+    with httpx.Client(base_url=url, headers=auth_headers(), timeout=10) as client:
         health = client.get("/health")
         models = client.get("/v1/models").json()["data"]
-        status = client.get("/admin/status").json()["applications"]
+        admin = auth_headers(is_admin=True)
+        status = client.get("/admin/status", headers=admin).json()["applications"]
         out.write(f"health: {health.status_code} {health.json().get('status')}\n")
         out.write(
             f"{'model':28} {'kind':11} {'status':12} {'context':>8} {'running':>8} {'waiting':>8}\n"
@@ -47,7 +51,8 @@ def print_status(url: str, out: TextIO = sys.stdout) -> int:
 def _load(client: httpx.Client, model: dict[str, Any]) -> tuple[Any, Any]:
     if model["kind"] == "embedding" or model["status"] != "ready":
         return "-", "-"
-    stats = client.get(f"/admin/models/{model['id']}/stats").json()
+    admin = auth_headers(is_admin=True)
+    stats = client.get(f"/admin/models/{model['id']}/stats", headers=admin).json()
     return stats.get("num_running", "-"), stats.get("num_waiting", "-")
 
 
@@ -57,7 +62,7 @@ def stream_chat(
     body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
     body.update({k: v for k, v in settings.items() if v is not None})
     with httpx.stream(
-        "POST", f"{url}/v1/chat/completions", json=body, headers=_headers(), timeout=600
+        "POST", f"{url}/v1/chat/completions", json=body, headers=auth_headers(), timeout=600
     ) as response:
         if response.status_code != 200:
             response.read()

@@ -4,25 +4,22 @@ service, from the terminal. The key is $SERVE_APP_ADMIN_API_KEY, else $SERVE_APP
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, TextIO
 
 import httpx
 import yaml
 
+from serve_app.client import auth_headers
+
 # Long enough for a model's first start (add, load); the route's own ?timeout_s= is shorter.
 CLIENT_TIMEOUT_S = 660.0
 
 
-def _headers() -> dict[str, str]:
-    key = os.environ.get("SERVE_APP_ADMIN_API_KEY") or os.environ.get("SERVE_APP_API_KEY")
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 def models_command(url: str, action: str, args: Any, out: TextIO = sys.stdout) -> int:
     """Runs one action; exit code 0 when the service answered 2xx."""
-    with httpx.Client(base_url=url, headers=_headers(), timeout=CLIENT_TIMEOUT_S) as client:
+    headers = auth_headers(is_admin=True)
+    with httpx.Client(base_url=url, headers=headers, timeout=CLIENT_TIMEOUT_S) as client:
         if action == "ls":
             return _list(client, out)
         if action == "add":
