@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from serve_app.config import ModelConfig, app_config_from_serve_config
 from serve_app.engine.batch import cache_kv, growing_cache
 from serve_app.engine.gguf_weights import dequantized, read_tensors
-from serve_app.engine.quantized_linear import Int4Linear, Int8Linear
+from serve_app.engine.quantized_linear import Int4Linear, Int8Embedding, Int8Linear
 from serve_app.loading import load_model
 from serve_app.model_store import prepare_weights
 
@@ -91,12 +91,16 @@ def weight_differences(model: Any, directory: Path) -> dict[str, dict[str, float
     found: dict[str, dict[str, float]] = {}
     for name, (qtype, raw) in read_tensors(directory, skeleton).items():
         module = modules.get(name.removesuffix(".weight"))
-        if not isinstance(module, (Int4Linear, Int8Linear)):
+        if isinstance(module, Int8Embedding):  # the vocabulary (and a tied head's) int8 rows
+            repacked, form = module.weight_int8.float() * module.scales.float()[:, None], "int8"
+        elif isinstance(module, (Int4Linear, Int8Linear)):
+            repacked, form = module.dequantized(), type(module).__name__[:4].lower()
+        else:
             continue
         reference = dequantized(raw, qtype)
-        diff = float((module.dequantized() - reference).abs().max())
+        diff = float((repacked - reference).abs().max())
         relative = diff / float(reference.abs().max())
-        key = f"{qtype.name}->{'int4' if isinstance(module, Int4Linear) else 'int8'}"
+        key = f"{qtype.name}->{form}" + " vocabulary" * isinstance(module, Int8Embedding)
         entry = found.setdefault(key, {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "tensors": 0})
         entry["max_abs_diff"] = max(entry["max_abs_diff"], diff)
         entry["max_rel_diff"] = max(entry["max_rel_diff"], relative)
