@@ -73,12 +73,14 @@ def test_int4_linear_multiplies_like_the_dequantized_weight(qtype: T) -> None:
 
 
 def test_int8_per_channel_and_the_shared_embedding() -> None:
+    torch.manual_seed(0)
     weight = torch.randn(40, 64)
     q, scales = int8_per_channel(weight)
     head = Int8Linear(q, scales)
     assert (head.dequantized() - weight).abs().max() <= scales.max() * 0.51
     x = torch.randn(2, 64)
-    torch.testing.assert_close(head(x), x @ weight.t(), atol=0.1, rtol=0.02)
+    # int8 steps (scale / 2 per weight) and bf16 activations, over 64 products
+    torch.testing.assert_close(head(x), x @ weight.t(), atol=0.3, rtol=0.02)
     lookup = Int8Embedding(head, embed_scale=torch.tensor(2.0))
     ids = torch.tensor([[3, 39]])
     torch.testing.assert_close(lookup(ids), 2 * head.dequantized()[ids], rtol=0.01, atol=1e-6)
@@ -198,3 +200,39 @@ def test_wants_native_only_for_cpu_llms() -> None:
     assert not wants_native_weights(model(dtype="bfloat16"))
     float32 = ModelConfig(id="m", kind="chat", source="x.gguf", engine={"weights": "float32"})
     assert not wants_native_weights(float32)
+
+
+def test_prepare_native_writes_no_weights_and_follows_a_moved_file(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    import transformers
+
+    from serve_app.model_store import prepare_weights
+
+    fake_tokenizer = SimpleNamespace(
+        save_pretrained=lambda d: (Path(d) / "tokenizer.json").write_text("{}")
+    )
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *_, **__: fake_tokenizer
+    )
+    first = tmp_path / "a" / "tiny.gguf"
+    first.parent.mkdir()
+    shutil.copy(tiny_gguf, first)
+    config = ModelConfig(id="t", kind="chat", source=str(first), engine={"weights": "native"})
+    folder = prepare_weights(config, tmp_path / "cache")
+    assert is_native_folder(folder) and folder.parent.name == "native"
+    assert (folder / "config.json").exists() and not list(folder.glob("*.safetensors"))
+    model, _ = load_native_model(folder, AutoModelForCausalLM)
+    assert isinstance(model.lm_head, Int8Linear)
+
+    moved = tmp_path / "b" / "tiny.gguf"  # same bytes, same cache key, another place
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    config = config.model_copy(update={"source": str(moved)})
+    assert prepare_weights(config, tmp_path / "cache") == folder
+    assert json.loads((folder / "gguf_tensors.json").read_text())["gguf_path"] == str(moved)
+    load_native_model(folder, AutoModelForCausalLM)  # reads the moved file
