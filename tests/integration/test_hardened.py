@@ -111,8 +111,12 @@ def test_model_with_missing_weights_answers_503_while_others_serve(hardened_url:
     models = httpx.get(f"{hardened_url}/v1/models", headers=HEADERS).json()["data"]
     assert {m["id"]: m["status"] for m in models} == {
         CHAT_MODEL: "ready",
-        BROKEN_MODEL: "unavailable",
+        BROKEN_MODEL: "failed",
     }
+    # The admin view says why (the replica's load error), with the admin key (= an API key here).
+    listed = httpx.get(f"{hardened_url}/admin/models", headers=HEADERS).json()["data"]
+    broken = next(m for m in listed if m["id"] == BROKEN_MODEL)
+    assert broken["status"] == "failed" and "/nonexistent/model.gguf" in broken["error"]
 
 
 def test_deadline_ends_a_stream_with_an_error_event(hardened_url: str) -> None:
