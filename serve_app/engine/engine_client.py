@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from serve_app.engine.output_streams import read_choices, read_outputs
 from serve_app.engine.types import (
     Constraint,
     EngineStats,
@@ -175,21 +176,12 @@ class EngineClient:
         params: SamplingParams,
         grammar: RemoteGrammar | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        from serve_app.engine.llm_engine import merged
-
         if grammar is None and params.constraint is not None:
             await self.compile_grammar(params.constraint)
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._submit([(request_id, outputs.put_nowait)], prompt_ids, [params])
-        is_finished = False
-        try:
-            while not is_finished:
-                output = merged(await outputs.get(), outputs)
-                is_finished = output.is_finished
-                yield output
-        finally:
-            if not is_finished:  # consumer went away (client disconnect, cancel)
-                self.abort(request_id)
+        async for output in read_outputs(outputs, lambda: self.abort(request_id)):
+            yield output
 
     async def generate_choices(
         self,
@@ -211,16 +203,8 @@ class EngineClient:
             prompt_ids,
             choice_params,
         )
-        unfinished = set(range(len(choice_ids)))
-        try:
-            while unfinished:
-                index, output = await ready.get()
-                if output.is_finished:
-                    unfinished.discard(index)
-                yield index, output
-        finally:
-            for index in unfinished:  # consumer went away: free the choices still running
-                self.abort(choice_ids[index])
+        async for index, output in read_choices(ready, choice_ids, self.abort):
+            yield index, output
 
     def _submit(
         self,

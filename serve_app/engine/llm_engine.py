@@ -11,7 +11,6 @@ and the bridge between the inference thread and the callers' asyncio loops.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -25,6 +24,7 @@ from serve_app.engine.detokenizer import IncrementalDetokenizer, StopStringMatch
 from serve_app.engine.grammar import CompiledGrammar, GrammarCompiler, GrammarError
 from serve_app.engine.model_runner import ModelRunner, release_free_memory
 from serve_app.engine.output_processor import OutputProcessor
+from serve_app.engine.output_streams import read_choices, read_outputs
 from serve_app.engine.sampling import Sampled, SamplerState
 from serve_app.engine.scheduler import Scheduler, SchedulerOutput
 from serve_app.engine.sequence import OutputSink, Sequence
@@ -184,15 +184,8 @@ class LLMEngine:
                 loop.call_soon_threadsafe(outputs.put_nowait, output)
 
         self.submit(request_id, prompt_ids, params, sink, grammar)
-        is_finished = False
-        try:
-            while not is_finished:
-                output = merged(await outputs.get(), outputs)
-                is_finished = output.is_finished
-                yield output
-        finally:
-            if not is_finished:  # consumer went away (client disconnect, cancel)
-                self.abort(request_id)
+        async for output in read_outputs(outputs, lambda: self.abort(request_id)):
+            yield output
 
     async def generate_choices(
         self,
@@ -220,16 +213,8 @@ class LLMEngine:
                 for i, (choice_id, params) in enumerate(zip(choice_ids, choice_params, strict=True))
             ]
         )
-        unfinished = set(range(len(choice_ids)))
-        try:
-            while unfinished:
-                index, output = await ready.get()
-                if output.is_finished:
-                    unfinished.discard(index)
-                yield index, output
-        finally:
-            for index in unfinished:  # consumer went away: free the choices still running
-                self.abort(choice_ids[index])
+        async for index, output in read_choices(ready, choice_ids, self.abort):
+            yield index, output
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
@@ -356,14 +341,3 @@ class LLMEngine:
         self.runner.reset()
         for seq in unfinished:
             seq.sink(self.processor.finish(seq, FinishReason.ERROR, error=message))
-
-
-def merged(output: RequestOutput, ready: asyncio.Queue[RequestOutput]) -> RequestOutput:
-    """This output plus every one already queued behind it, as one: a consumer that fell behind
-    (a busy event loop, a slow client) gets one item per wake-up instead of one per token, so
-    fewer items cross Ray; one that keeps up still gets each token as it comes."""
-    while not output.is_finished and not ready.empty():
-        later = ready.get_nowait()
-        logprobs = [*(output.logprobs or []), *(later.logprobs or [])] or None
-        output = dataclasses.replace(later, text=output.text + later.text, logprobs=logprobs)
-    return output
