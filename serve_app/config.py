@@ -138,7 +138,16 @@ class DeploymentOptions(_Strict):
         autoscaling.setdefault("initial_replicas", 1)  # loaded at start, then idles out
         # Idle means no request over the look-back window, then the delay: keep the window short.
         autoscaling.setdefault("look_back_period_s", min(10.0, idle_timeout_s))
+        autoscaling.setdefault("metrics_interval_s", COLD_START_METRICS_INTERVAL_S)
         return self.model_copy(update={"num_replicas": None, "autoscaling_config": autoscaling})
+
+
+# How often the ingress's handle sends a model's queued requests to the controller (Serve's
+# `metrics_interval_s`, default 10 s). At zero replicas that push is what starts a replica: Serve's
+# own immediate push on a queued request sends the series recorded before it, so a cold start
+# waited for the next periodic push (6-10 s measured, docs/operations.md). Two small controller
+# calls a second per model that can scale to zero.
+COLD_START_METRICS_INTERVAL_S = 0.5
 
 
 def _fixed_replicas(num_replicas: int | str | None) -> dict[str, int]:

@@ -7,7 +7,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from serve_app.config import INGRESS_DEPLOYMENT, ModelConfig, app_config_from_applications
+from serve_app.config import (
+    COLD_START_METRICS_INTERVAL_S,
+    INGRESS_DEPLOYMENT,
+    ModelConfig,
+    app_config_from_applications,
+)
 from serve_app.errors import ConflictError, InvalidRequestError, ModelNotFoundError
 
 MODEL_IMPORT_PATH = "deployments.app:build_model_app"
@@ -20,6 +25,7 @@ UNLOADED_AUTOSCALING = {
     "downscale_to_zero_delay_s": 0.0,
     "upscale_delay_s": 0.0,
     "look_back_period_s": 1.0,
+    "metrics_interval_s": COLD_START_METRICS_INTERVAL_S,  # the next request is seen at once
 }
 
 

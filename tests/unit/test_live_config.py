@@ -115,6 +115,7 @@ def test_idle_timeout_scales_the_deployment_to_zero() -> None:
         "downscale_to_zero_delay_s": 120,
         "initial_replicas": 1,
         "look_back_period_s": 10.0,
+        "metrics_interval_s": 0.5,
     }
     fixed = ModelConfig(id="m", kind="chat", source="x", idle_timeout_s=5)
     options = fixed.serve_deployment().to_serve_options()
