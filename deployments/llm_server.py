@@ -10,13 +10,15 @@ import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
 from deployments.metrics import RequestTimer, record_engine_stats
 from deployments.model_replica import ModelReplica
-from serve_app.engine.types import RequestOutput, SamplingParams
+from serve_app.config import ModelConfig
+from serve_app.engine.types import GrammarError, RequestOutput, SamplingParams
 from serve_app.errors import APIError, InvalidRequestError, ServiceUnavailableError
 from serve_app.openai_adapter import (
     Admitted,
@@ -196,12 +198,18 @@ def _engine_builder(model_config: dict[str, Any]) -> Callable[..., Engine]:
     option = model_config.get("engine", {}).get("engine_process")
     in_child = os.environ.get(ENGINE_PROCESS_ENV, "1") != "0" if option is None else option
     if in_child:
-        from serve_app.engine.engine_client import EngineClient
-
-        return EngineClient
+        return _engine_client
     from serve_app.loading import build_llm_engine
 
     return build_llm_engine
+
+
+def _engine_client(config: ModelConfig, cache_dir: Path, has_gpu: bool) -> EngineClient:
+    """The engine process, forked from this node's zygote when there is one (CPU only)."""
+    from deployments.engine_zygote import zygote_socket
+    from serve_app.engine.engine_client import EngineClient
+
+    return EngineClient(config, cache_dir, has_gpu, None if has_gpu else zygote_socket())
 
 
 def _check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
@@ -217,8 +225,6 @@ def _check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
 
 async def _compiled_grammar(engine: Engine, call: GenerateCall) -> Grammar | None:
     """The request's structured-output grammar, compiled off the loop (400 if refused)."""
-    from serve_app.engine.grammar import GrammarError
-
     constraint = call.sampling.constraint
     if constraint is None:
         return None

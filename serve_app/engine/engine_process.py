@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -144,13 +145,34 @@ def build(model: dict[str, Any], cache_dir: str, has_gpu: bool) -> tuple[Any, di
         "weights_dir": str(weights_dir),
         "max_model_len": engine.max_model_len,
         "vocab_size": engine.vocab_size,
+        "tokenizer_class": (type(engine.tokenizer).__module__, type(engine.tokenizer).__qualname__),
         "pid": os.getpid(),
     }
     return engine, info
 
 
-def main(fd: int, parent_pid: int) -> None:
-    die_with_parent(parent_pid)
+def die_with(pid: int) -> None:
+    """Exit when process `pid` (not a parent: the zygote forked this one) exits. A pidfd turns
+    readable when that process ends, so a reused pid cannot keep this one alive."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="replica-watch", daemon=True).start()
+
+
+def main(fd: int, parent_pid: int, forked: bool = False) -> None:
+    """`parent_pid` is the replica's; `forked` when the zygote (zygote.py) started this process,
+    which is then not the replica's child."""
+    if forked:
+        die_with(parent_pid)
+    else:
+        die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     conn = Connection(fd)
     kind, (model, cache_dir, has_gpu) = conn.recv()

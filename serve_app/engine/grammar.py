@@ -23,7 +23,7 @@ import torch
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-from serve_app.engine.types import Constraint
+from serve_app.engine.types import Constraint, GrammarError
 
 _MAX_CACHED_GRAMMARS = 256
 # Resource limits for one grammar (llguidance's units): a pathological schema fails to compile
@@ -37,10 +37,6 @@ _JSON_LAYOUT: JsonCompileOptions = {
     "item_separator": ", ",
     "key_separator": ": ",
 }
-
-
-class GrammarError(ValueError):
-    """The constraint is invalid, unsupported, or too large to compile."""
 
 
 class CompiledGrammar:
