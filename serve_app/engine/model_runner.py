@@ -22,6 +22,7 @@ from serve_app.engine.grammar import apply_grammar_masks
 from serve_app.engine.prefix_cache import BLOCK_TOKENS, LayerKV, PrefixCache
 from serve_app.engine.sampling import Sampled, sample
 from serve_app.engine.sequence import Sequence
+from serve_app.engine.thread_governor import ThreadGovernor, govern_decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ class ModelRunner:
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.batch = BatchCache()
         self._chunk: _ChunkCache | None = None
+        # Made on the first decode, in the inference thread: torch's thread count is per thread
+        # (OpenMP), and Ray's OMP_NUM_THREADS=1 leaves other threads seeing one.
+        self.governor: ThreadGovernor | None = None
+        self._has_governor = False
 
     # ---- prefix cache ------------------------------------------------------------------
 
@@ -158,13 +163,21 @@ class ModelRunner:
         input_ids = torch.tensor([[seq.last_token] for seq in rows], device=self.device)
         positions = [seq.num_prompt_tokens + seq.num_generated - 1 for seq in rows]
         position_ids = torch.tensor(positions, device=self.device).unsqueeze(1)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self.batch.decode_mask(),
-            position_ids=position_ids,
-            past_key_values=self.batch.cache,
-            use_cache=True,
-        )
+        if not self._has_governor:
+            self.governor, self._has_governor = _thread_governor(self.model, self.device), True
+        if self.governor is not None:
+            self.governor.start_step()
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=self.batch.decode_mask(),
+                position_ids=position_ids,
+                past_key_values=self.batch.cache,
+                use_cache=True,
+            )
+        finally:
+            if self.governor is not None:
+                self.governor.end_step()
         return _sample(out.logits[:, -1, :], rows)
 
     # ---- batch rows --------------------------------------------------------------------
@@ -216,6 +229,15 @@ class ModelRunner:
             ids[row, length - len(prompt) :] = torch.tensor(prompt)
             mask[row, length - len(prompt) :] = 1
         return ids.to(self.device), mask.to(self.device)
+
+
+def _thread_governor(model: Any, device: torch.device) -> ThreadGovernor | None:
+    """One thread while the CPU is contended (thread_governor.py); None on GPU or one thread."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        return None
+    governor = ThreadGovernor(threads, torch.set_num_threads)
+    return governor if govern_decoder_layers(model, governor) else None
 
 
 def _sample(logits: torch.Tensor, rows: list[Sequence]) -> Sampled:
