@@ -6,7 +6,7 @@ bundled models, weights already prepared by `serve-app pull`):
 2. resident memory of the whole service (every process in `serve run`'s session) with every
    model loaded, then with every model idle;
 3. a model added and then removed through /admin/models while a SmolLM2 stream runs: the
-   longest pause between two events of that stream.
+   longest pause between two events of that stream, `--rounds` times.
 
     .venv/bin/python benchmarks/model_management.py --rounds 3
 
@@ -157,7 +157,7 @@ def main() -> int:
             model_id: measure_cold_start(url, model_id, args.rounds)
             for model_id in (CHAT, GEMMA, EMBED)
         }
-        results["add_remove"] = add_remove_during_stream(url)
+        results["add_remove"] = [add_remove_during_stream(url) for _ in range(args.rounds)]
     _print(results)
     out = REPO_ROOT / "benchmarks" / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,12 +192,12 @@ def _print(results: dict[str, Any]) -> None:
             f"cold start {model_id:24} median {statistics.median(times):5.2f} s  "
             f"({', '.join(f'{t:.2f}' for t in times)})"
         )
-    change = results["add_remove"]
-    print(
-        f"add {change['add_s']:.1f} s, remove {change['remove_s']:.1f} s; SmolLM2 stream's "
-        f"longest pause {change['stream_max_gap_s']:.2f} s over {change['stream_events']:.0f} "
-        "events"
-    )
+    for change in results["add_remove"]:
+        print(
+            f"add {change['add_s']:.1f} s, remove {change['remove_s']:.1f} s; SmolLM2 stream's "
+            f"longest pause {change['stream_max_gap_s']:.2f} s over "
+            f"{change['stream_events']:.0f} events"
+        )
 
 
 if __name__ == "__main__":
