@@ -80,6 +80,7 @@ def serve(socket_path: str, owner_pid: int) -> None:
 def _start_engine(
     connection: socket.socket, listener: socket.socket, children: dict[int, socket.socket]
 ) -> int | None:
+    fds: list[int] = []
     try:
         connection.settimeout(10.0)
         message, fds, _, _ = socket.recv_fds(connection, _MAX_MESSAGE, 3)
@@ -87,6 +88,8 @@ def _start_engine(
         if len(fds) != 3:
             raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
     except (OSError, ValueError) as exc:
+        for fd in fds:  # a refused request's descriptors stay not open here
+            os.close(fd)
         _send(connection, {"error": str(exc)})
         connection.close()
         return None

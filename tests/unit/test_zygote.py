@@ -5,8 +5,10 @@ zygote gone with its owner, and a fresh process when the zygote cannot fork."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +104,27 @@ async def test_a_killed_forked_engine_fails_its_requests_with_its_exit_status(
         assert rest[-1].finish_reason == "error"
         assert "exit code -9" in (rest[-1].error or "")
         assert not client.is_alive
+    finally:
+        client.shutdown()
+
+
+def test_a_bad_request_is_refused_and_the_zygote_keeps_forking(
+    zygote: tuple[str, int], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    read_end, write_end = os.pipe()
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(zygote[0])
+        socket.send_fds(connection, [b"not json"], [read_end])
+        reply = json.loads(connection.makefile("rb").readline())
+    finally:
+        connection.close()
+        os.close(read_end)
+        os.close(write_end)
+    assert "error" in reply
+    client = EngineClient(tiny_model_config(tiny_model_dir), tmp_path, False, zygote[0])
+    try:
+        assert client.pid is not None and parent_of(client.pid) == zygote[1]
     finally:
         client.shutdown()
 
