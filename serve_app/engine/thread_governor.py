@@ -40,7 +40,7 @@ class ThreadGovernor:
     ) -> None:
         self.threads = threads
         self.current = threads
-        self.num_drops = 0  # times contention was seen (engine stats)
+        self.num_drops = 0  # times contention was seen
         self._set_threads = set_threads
         self._clock = clock
         self._typical: float | None = None
@@ -89,15 +89,12 @@ class ThreadGovernor:
 
 def govern_decoder_layers(model: Any, governor: ThreadGovernor) -> bool:
     """Times `model`'s decoder layers for the governor; False if it has no layer list."""
-    import torch
-
     layers = _decoder_layers(model)
     if layers is None:
         return False
     for layer in layers:
         layer.register_forward_pre_hook(lambda *_: governor.layer_done())
     layers[-1].register_forward_hook(lambda *_: governor.layer_done())
-    assert isinstance(layers, torch.nn.ModuleList)
     return True
 
 

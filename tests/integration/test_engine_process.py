@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.integration.test_faults import CHAT_MODEL, STORY, read_stream, stats, wait_until
+from tests.processes import is_running
 
 pytestmark = [
     pytest.mark.integration,
@@ -29,15 +30,6 @@ ENDLESS = {
     "ignore_eos": True,  # still running when its engine is killed
     "stream": True,
 }
-
-
-def is_running(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def healthy_again(url: str, old_pid: int) -> bool:

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from serve_app.engine.grammar import GrammarError
 from serve_app.engine.llm_engine import LLMEngine
 from serve_app.engine.types import Constraint, RequestOutput, SamplingParams
 from serve_app.openai_adapter import Admitted
+from tests.processes import is_running, wait_until_gone
 from tests.unit.conftest import tiny_model_config
 from tests.unit.test_llm_server import call, make_server
 
@@ -213,25 +213,13 @@ def test_sigkill_of_the_replica_leaves_no_engine_process(
     try:
         assert parent.stdout is not None
         child_pid = int(parent.stdout.readline())
-        assert _is_running(child_pid)
+        assert is_running(child_pid)
         parent.kill()  # SIGKILL: no cleanup code of the parent runs
         parent.wait(10)
-        deadline = time.monotonic() + 10
-        while _is_running(child_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _is_running(child_pid), "the engine process outlived its replica"
+        assert wait_until_gone(child_pid), "the engine process outlived its replica"
     finally:
         if parent.poll() is None:
             parent.kill()
-
-
-def _is_running(pid: int) -> bool:
-    """Alive and not a zombie (a killed orphan waits for init to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_missing_weights_in_the_engine_process_answer_503(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import pytest
 from serve_app.engine.engine_client import EngineClient
 from serve_app.engine.types import SamplingParams
 from serve_app.engine.zygote import can_fork_engines, fork_engine
+from tests.processes import is_running, wait_until_gone
 from tests.unit.conftest import tiny_model_config
 from tests.unit.test_engine_process import PROMPTS, collect, joined
 
@@ -52,22 +53,6 @@ def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
 def parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as stat:
         return int(stat.read().rsplit(")", 1)[1].split()[1])
-
-
-def is_running(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_until_gone(pid: int, timeout_s: float = 10) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while is_running(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not is_running(pid)
 
 
 async def test_a_forked_engine_answers_as_a_spawned_one(
