@@ -166,7 +166,7 @@ class ModelRunner:
         if not self._has_governor:
             self.governor, self._has_governor = _thread_governor(self.model, self.device), True
         if self.governor is not None:
-            self.governor.start_step()
+            self.governor.start_step(len(rows))
         try:
             out = self.model(
                 input_ids=input_ids,

@@ -2,31 +2,40 @@
 
 The CPU engine runs its decode step on `torch_threads` OpenMP threads (2 on this 2-core VM),
 which meet at a barrier hundreds of times a step. When another process takes one core (a model
-being added or woken imports torch beside it), every barrier waits for the descheduled thread:
-measured here, SmolLM2 decode steps at one row went from ~20 ms to 1.1-1.4 s each for as long as
-the other process ran. One thread has no barrier; it shares its core and keeps steps in tens
-of milliseconds.
+being added or woken imports torch beside it), every barrier waits for the descheduled thread.
+Measured here (SmolLM2 decode, a busy-looping process beside it): two threads' steps went from
+56 to 214 ms at one row and from 103-112 to 382 ms at 16 rows, their median layer 3.2x and 2.6x
+slower; one thread stayed at 69 and 153 ms, its quiet speed. Quiet, one thread is 1.3-1.5x
+slower than two.
 
-So the governor times each decoder layer of a decode step (a forward pre-hook per layer): a
-layer far slower than the running typical one means the cores are contended, and the rest of
-that step already runs on one thread. After `retry_s` it tries all threads again (a contended
-retry costs one slow layer, not a step); the wait doubles while contention lasts.
+So the governor times each decoder layer of a decode step (a forward pre-hook per layer)
+against the quiet layer time of the same batch size. When the median of the last few layers is
+more than SLOW_FACTOR times that, the cores are contended and the rest of the step runs on one
+thread. After `retry_s` it tries all threads again (a contended retry costs a few slow layers,
+not a step); the wait doubles while contention lasts. A median, not one layer: a single late
+layer (a timer tick, a short preemption) is no reason to halve the team for a second.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# A layer this many times slower than typical (and slower than MIN_SLOW_S) reads as contended.
-# Batch growth moves the typical time gradually and by less (SmolLM2: ~5x from 1 to 16 rows).
-SLOW_FACTOR = 10.0
-MIN_SLOW_S = 0.010
-_WEIGHT = 0.05  # the typical layer time's moving average
+# Contended two-thread layers measured 2.6-3.2x the quiet ones; one thread costs 1.3-1.5x.
+SLOW_FACTOR = 2.0
+WINDOW = 5  # layers whose median is judged
+# The quiet time is a moving average of window medians, quicker down than up (a longer context
+# raises it slowly); a median above ACCEPT_FACTOR x quiet does not move it, so contention
+# cannot raise it. Not the minimum: the fastest windows are 20-30% under the typical one.
+_FALL_WEIGHT = 0.05
+_RISE_WEIGHT = 0.01
+ACCEPT_FACTOR = 1.5
 FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 30.0
 
@@ -43,48 +52,74 @@ class ThreadGovernor:
         self.num_drops = 0  # times contention was seen
         self._set_threads = set_threads
         self._clock = clock
-        self._typical: float | None = None
+        self._quiet: dict[int, float] = {}  # batch rows -> quiet all-thread layer seconds
+        self._rows = 0
+        self._recent: deque[float] = deque(maxlen=WINDOW)
         self._layer_started: float | None = None
+        self._in_step = False
         self._dropped_at = 0.0
         self._retried_at = float("-inf")
         self._retry_s = FIRST_RETRY_S
 
-    def start_step(self) -> None:
-        """A decode step begins: its layers are timed (prefills vary too much to judge)."""
+    def start_step(self, rows: int) -> None:
+        """A decode step of `rows` rows begins: its layers are timed (prefills vary too much)."""
         now = self._clock()
-        self._layer_started = now
+        self._in_step, self._layer_started = True, None
+        if rows != self._rows:
+            self._rows = rows
+            self._recent.clear()
         if self.current < self.threads and now - self._dropped_at >= self._retry_s:
-            self._retried_at = now  # the first slow layer drops it again at once
+            self._retried_at = now  # a few slow layers drop it again at once
             self._use(self.threads)
 
     def end_step(self) -> None:
-        self._layer_started = None
+        self._in_step, self._layer_started = False, None
 
     def layer_done(self) -> None:
-        """Called between layers of a decode step (and after the last)."""
-        if self._layer_started is None:
+        """Called before each decoder layer of a decode step and after the last."""
+        if not self._in_step:
             return
         now = self._clock()
-        seconds, self._layer_started = now - self._layer_started, now
-        if self.current < self.threads:
-            return  # one-thread times say nothing of the full team's
-        typical = self._typical
-        if typical is not None and seconds > max(SLOW_FACTOR * typical, MIN_SLOW_S):
-            logger.info("layer %.0f ms, typical %.1f ms: one thread", 1e3 * seconds, 1e3 * typical)
+        started, self._layer_started = self._layer_started, now
+        if started is None or self.current < self.threads:
+            return  # the first mark of a step; or one-thread times, which say nothing of two
+        self._recent.append(now - started)
+        if len(self._recent) < WINDOW:
+            return
+        median = statistics.median(self._recent)
+        quiet = self._quiet.get(self._rows)
+        if quiet is not None and median > SLOW_FACTOR * quiet:
+            logger.info(
+                "layers %.1f ms, quiet %.1f ms at %d rows: one thread",
+                1e3 * median,
+                1e3 * quiet,
+                self._rows,
+            )
             self._drop(now)
             return
-        self._typical = seconds if typical is None else typical + _WEIGHT * (seconds - typical)
+        self._quiet[self._rows] = _followed(quiet, median)
 
     def _drop(self, now: float) -> None:
         still_contended = now - self._retried_at < 1.0  # dropped again right after a retry
         self._retry_s = min(MAX_RETRY_S, 2 * self._retry_s) if still_contended else FIRST_RETRY_S
         self._dropped_at = now
         self.num_drops += 1
+        self._recent.clear()
         self._use(1)
 
     def _use(self, threads: int) -> None:
         self.current = threads
         self._set_threads(threads)
+
+
+def _followed(quiet: float | None, median: float) -> float:
+    """The quiet layer time after one more median of all-thread layers."""
+    if quiet is None:
+        return median
+    if median > ACCEPT_FACTOR * quiet:
+        return quiet
+    weight = _FALL_WEIGHT if median < quiet else _RISE_WEIGHT
+    return quiet + weight * (median - quiet)
 
 
 def govern_decoder_layers(model: Any, governor: ThreadGovernor) -> bool:
