@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -24,8 +23,9 @@ from typing import Any
 import httpx
 import yaml
 from peers import targets
-from peers.loadgen import Quiet, format_row, http_sender, run_level
-from peers.offline import engine_sender
+from peers.interleaved import http_maker, interleaved_rounds, median_ratio
+from peers.loadgen import Quiet
+from peers.offline import engine_maker
 
 from serve_app.config import ModelConfig, with_models
 from serve_app.ports import free_port
@@ -71,48 +71,20 @@ def offline_engine(tree: Path) -> Any:
 
 async def measure(args: argparse.Namespace, servers: list[targets.Server]) -> list[dict[str, Any]]:
     engine = offline_engine(args.trees[0])
-    rows: list[dict[str, Any]] = []
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     timeout = httpx.Timeout(None, connect=10)
     async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=timeout) as client:
-        senders = {"offline": lambda n, tag: engine_sender(engine, n, tag)}
+        senders = {"offline": engine_maker(engine)}
         sessions = {"offline": Quiet(session_id=None)}  # the engine runs in this process
         for server in servers:
-            senders[server.name] = lambda n, tag, s=server: http_sender(
-                client, s.base_url, MODEL, n
-            )
+            senders[server.name] = http_maker(client, server)
             sessions[server.name] = Quiet(session_id=server.process.pid)  # its own session
-        for make in senders.values():  # warm-up: first requests, batching
-            await run_level(make(16, "warm"), 4, 4, 300)
-        for round_index in range(args.rounds):
-            order = list(senders) if round_index % 2 == 0 else list(reversed(senders))
-            for concurrency, num_requests in ((1, args.c1_requests), (16, args.c16_requests)):
-                for name in order:
-                    send = senders[name](args.max_tokens, f"r{round_index}c{concurrency}")
-                    row = await run_level(
-                        send, concurrency, num_requests, args.level_timeout_s, sessions[name]
-                    )
-                    row.update(round=round_index, target=name)
-                    rows.append(row)
-                    print(f"round {round_index} " + format_row(name, row), flush=True)
+        levels = [(1, args.c1_requests), (16, args.c16_requests)]
+        rows = await interleaved_rounds(
+            senders, sessions, args.rounds, levels, args.max_tokens, args.level_timeout_s
+        )
     engine.shutdown()
     return rows
-
-
-def median_ratio(rows: list[dict[str, Any]], a: str, b: str, concurrency: int) -> float:
-    def tok_s(round_index: int, name: str) -> float:
-        return float(
-            next(
-                r["output_tok_s"]
-                for r in rows
-                if r["round"] == round_index
-                and r["target"] == name
-                and r["concurrency"] == concurrency
-            )
-        )
-
-    rounds = sorted({r["round"] for r in rows})
-    return statistics.median(tok_s(i, a) / tok_s(i, b) for i in rounds)
 
 
 def main() -> None:

@@ -1,17 +1,29 @@
-"""Serving benchmark: serve-app vs `transformers serve` vs a naive server vs the offline engine.
+"""Serving benchmark: serve-app vs the servers users would pick instead, and the offline engine.
 
 Streams the same deterministic chat prompts (greedy, fixed max_tokens) through the OpenAI API
-of each target at a fixed-concurrency sweep, one target at a time (each started and stopped
-here), and reports output tok/s, TTFT, inter-token latency and end-to-end latency; also the warm
-start of the full config/serve.yaml and the SmolLM2 replica's memory. Writes JSON + PNG to --out.
+of each target and reports output tok/s, TTFT, inter-token latency and end-to-end latency; also
+the warm start of the full config/serve.yaml and the SmolLM2 replica's memory. serve-app runs
+`make run`'s config (all three models) unless --smollm2-only. Two modes:
 
-    .venv/bin/python benchmarks/serving.py --out results/serving
+- `--rounds N` (N >= 3 for a ratio that counts): every target started once and up together,
+  then N interleaved rounds (each level on each target in turn, order reversed every other
+  round); ratios are medians of same-round ratios. Peers: llama.cpp's `llama-server` on the
+  same GGUF and vLLM's CPU build (both built by benchmarks/build_peers.sh), transformers serve.
+
+      .venv/bin/python benchmarks/serving.py --rounds 3 --concurrency 1 16 --requests-per-level 3
+
+- no --rounds: a sweep, one target at a time (each started and stopped here).
+
+      .venv/bin/python benchmarks/serving.py --out results/serving
+
+Writes JSON (+ PNG for a sweep) to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -27,13 +39,16 @@ from typing import Any
 import httpx
 import yaml
 from peers import noise, targets
+from peers.interleaved import MakeSender, http_maker, interleaved_rounds, median_ratio
 from peers.loadgen import Quiet, format_row, http_sender, run_level, run_quietest_level
 
 from serve_app.config import ModelConfig, app_config_from_serve_config
-from serve_app.model_store import prepare_weights
+from serve_app.model_store import prepare_weights, resolve_source
 
-HTTP_TARGETS = ("serve-app", "transformers-serve", "naive")
+HTTP_TARGETS = ("serve-app", "transformers-serve", "naive", "llama-server", "vllm")
 ALL_TARGETS = (*HTTP_TARGETS, "offline-engine", "warm-start")
+SWEEP_DEFAULT = ("serve-app", "transformers-serve", "naive", "offline-engine", "warm-start")
+ROUNDS_DEFAULT = ("serve-app", "llama-server", "vllm", "transformers-serve", "offline-engine")
 REFERENCE = "transformers-serve"
 REPLICA_PATTERN = "ServeReplica:smollm2-135m-instruct:"  # one Serve app per model
 GOALS = {  # name: (what, comparison, threshold)
@@ -48,13 +63,78 @@ GOALS = {  # name: (what, comparison, threshold)
     "warm_start_s": ("warm start of config/serve.yaml to /health 200 (s)", "<=", 30.0),
     "rss_vs_weights": ("SmolLM2 replica peak RSS / weights in memory", "<=", 1.5),
 }
+# Interleaved mode (issue 12's targets): name -> (what, comparison, threshold, (a, b, c, key)).
+PEER_GOALS = {
+    "c16_tok_s_vs_llama_server": (
+        "tok/s at c=16, serve-app / llama-server",
+        ">=",
+        1.25,
+        ("serve-app", "llama-server", 16, "output_tok_s"),
+    ),
+    "c16_tok_s_vs_vllm": (
+        "tok/s at c=16, serve-app / vLLM CPU",
+        ">=",
+        1.1,
+        ("serve-app", "vllm", 16, "output_tok_s"),
+    ),
+    "c1_tok_s_vs_llama_server": (
+        "tok/s at c=1, serve-app / llama-server",
+        ">=",
+        0.75,
+        ("serve-app", "llama-server", 1, "output_tok_s"),
+    ),
+    "c1_tok_s_vs_vllm": (
+        "tok/s at c=1, serve-app / vLLM CPU",
+        ">=",
+        2.0,
+        ("serve-app", "vllm", 1, "output_tok_s"),
+    ),
+    "ttft_p50_c16_vs_llama_server": (
+        "TTFT p50 at c=16, serve-app / llama-server",
+        "<=",
+        1.0,
+        ("serve-app", "llama-server", 16, "ttft_p50_s"),
+    ),
+    "served_vs_offline_c16": (
+        "tok/s at c=16, serve-app / its offline engine",
+        ">=",
+        0.9,
+        ("serve-app", "offline-engine", 16, "output_tok_s"),
+    ),
+    "c16_tok_s_vs_transformers": (
+        "tok/s at c=16, serve-app / transformers serve",
+        "",
+        None,
+        ("serve-app", "transformers-serve", 16, "output_tok_s"),
+    ),
+    "c1_tok_s_vs_transformers": (
+        "tok/s at c=1, serve-app / transformers serve",
+        "",
+        None,
+        ("serve-app", "transformers-serve", 1, "output_tok_s"),
+    ),
+}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--targets", nargs="+", choices=ALL_TARGETS, default=list(ALL_TARGETS))
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=ALL_TARGETS,
+        default=None,
+        help=f"default: {' '.join(SWEEP_DEFAULT)}; with --rounds: {' '.join(ROUNDS_DEFAULT)}",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="interleaved rounds, all targets up (0: a sweep)"
+    )
+    parser.add_argument(
+        "--smollm2-only",
+        action="store_true",
+        help="serve-app with SmolLM2 alone (default: make run's config, all three models)",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument(
@@ -108,7 +188,10 @@ def parse_args() -> argparse.Namespace:
         help="env vars for serve-app's replicas, over REPLICA_ENV_VARS (deployments/app.py)",
     )
     parser.add_argument("--out", type=Path, default=Path("results/serving"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.targets is None:
+        args.targets = list(ROUNDS_DEFAULT if args.rounds else SWEEP_DEFAULT)
+    return args
 
 
 def sweep_levels(args: argparse.Namespace) -> list[tuple[int, int]]:
@@ -170,32 +253,47 @@ def replica_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def server_command(
-    name: str, args: argparse.Namespace, model_dir: Path
-) -> tuple[list[str], int, str]:
+    name: str, args: argparse.Namespace, model_dir: Path, gguf: Path | None = None
+) -> tuple[list[str], int, str, dict[str, str]]:
+    """(command, port, the `model` it serves, extra env) of an HTTP target."""
     threads = args.threads
     if name == "serve-app":
         command, port = targets.serve_app_command(
             args.out,
-            "serve_smollm2",
-            [targets.SMOLLM2_ID],
+            "serve_smollm2" if args.smollm2_only else "serve_all",
+            [targets.SMOLLM2_ID] if args.smollm2_only else None,
             engine_overrides(args),
             replica_env(args),
         )
-        return command, port, targets.SMOLLM2_ID
+        return command, port, targets.SMOLLM2_ID, {}
     if name == "transformers-serve":
         command, port = targets.transformers_serve_command(model_dir, threads)
-        return command, port, str(model_dir)
+        return command, port, str(model_dir), {}
+    if name == "llama-server":
+        if gguf is None:
+            raise RuntimeError("llama-server needs the model's GGUF source")
+        command, port = targets.llama_server_command(gguf, threads)
+        return command, port, targets.SMOLLM2_ID, {}
+    if name == "vllm":
+        command, port = targets.vllm_command(model_dir)
+        return command, port, targets.SMOLLM2_ID, targets.VLLM_ENV
     command, port = targets.naive_command(model_dir, threads)
-    return command, port, "naive"
+    return command, port, "naive", {}
 
 
 def run_http_target(
-    name: str, args: argparse.Namespace, model_dir: Path, levels: list[tuple[int, int]]
+    name: str,
+    args: argparse.Namespace,
+    model_dir: Path,
+    levels: list[tuple[int, int]],
+    gguf: Path | None = None,
 ) -> dict[str, Any]:
-    command, port, model = server_command(name, args, model_dir)
+    command, port, model, env = server_command(name, args, model_dir, gguf)
     log_path = args.out / f"{name}.log"
     memory: dict[str, Any] = {}
-    with targets.running(name, command, port, model, log_path, args.startup_timeout_s) as server:
+    with targets.running(
+        name, command, port, model, log_path, args.startup_timeout_s, env
+    ) as server:
         print(f"{name}: healthy after {server.ready_s:.1f}s ({' '.join(command)})", flush=True)
 
         def on_warm() -> None:
@@ -381,7 +479,8 @@ def run_target(
     levels: list[tuple[int, int]],
 ) -> dict[str, Any]:
     if name in HTTP_TARGETS:
-        return run_http_target(name, args, prepare_weights(model_config, cache_dir), levels)
+        model_dir = prepare_weights(model_config, cache_dir)
+        return run_http_target(name, args, model_dir, levels, gguf_of(model_config, cache_dir))
     if name == "offline-engine":
         from peers.offline import run_offline
 
@@ -390,6 +489,106 @@ def run_target(
             model_config, cache_dir, levels, args.max_tokens, args.level_timeout_s, quiet
         )
     return run_warm_start(args)
+
+
+def gguf_of(model_config: ModelConfig, cache_dir: Path) -> Path | None:
+    """The model's GGUF file (llama-server serves it as is), None for another source."""
+    weights = resolve_source(model_config, cache_dir)
+    return weights.directory / weights.gguf_file if weights.gguf_file else None
+
+
+# ---- interleaved rounds (--rounds) -------------------------------------------------------
+
+
+def run_rounds(
+    args: argparse.Namespace,
+    model_config: ModelConfig,
+    cache_dir: Path,
+    levels: list[tuple[int, int]],
+) -> dict[str, Any]:
+    """Every HTTP target up at once (and the offline engine here), then interleaved rounds."""
+    model_dir, gguf = prepare_weights(model_config, cache_dir), gguf_of(model_config, cache_dir)
+    servers: dict[str, targets.Server] = {}
+    memory: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        for name in (n for n in args.targets if n in HTTP_TARGETS):
+            command, port, model, env = server_command(name, args, model_dir, gguf)
+            log_path = args.out / f"{name}.log"
+            servers[name] = stack.enter_context(
+                targets.running(name, command, port, model, log_path, args.startup_timeout_s, env)
+            )
+            print(f"{name}: healthy after {servers[name].ready_s:.1f}s ({' '.join(command)})")
+        engine = None
+        if "offline-engine" in args.targets:
+            from serve_app.loading import build_llm_engine
+
+            engine = build_llm_engine(model_config, cache_dir)
+            stack.callback(engine.shutdown)
+        rows = asyncio.run(_rounds(args, servers, engine, levels))
+        if "serve-app" in servers:
+            memory = replica_memory(servers["serve-app"].process.pid)
+    return {
+        "rows": rows,
+        "servers": {n: {"startup_s": v.ready_s} for n, v in servers.items()},
+        "serve_app_replica_memory": memory,
+    }
+
+
+async def _rounds(
+    args: argparse.Namespace,
+    servers: dict[str, targets.Server],
+    engine: Any,
+    levels: list[tuple[int, int]],
+) -> list[dict[str, Any]]:
+    from peers.offline import engine_maker
+
+    max_conn = max(c for c, _ in levels) + 8
+    limits = httpx.Limits(max_connections=max_conn, max_keepalive_connections=max_conn)
+    async with httpx.AsyncClient(
+        trust_env=False, limits=limits, timeout=httpx.Timeout(None, connect=10)
+    ) as client:
+        senders: dict[str, MakeSender] = {}
+        sessions: dict[str, Quiet] = {}
+        for name in args.targets:
+            if name in servers:
+                server = servers[name]
+                senders[name] = http_maker(client, server)
+                sessions[name] = Quiet(session_id=server.process.pid)  # its own session
+            elif name == "offline-engine" and engine is not None:
+                senders[name] = engine_maker(engine)
+                sessions[name] = Quiet(session_id=None)  # the engine runs in this process
+        return await interleaved_rounds(
+            senders, sessions, args.rounds, levels, args.max_tokens, args.level_timeout_s
+        )
+
+
+def peer_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for name, (what, op, threshold, (a, b, concurrency, key)) in PEER_GOALS.items():
+        value = median_ratio(rows, a, b, concurrency, key)
+        is_met = None
+        if value is not None and threshold is not None:
+            is_met = value >= threshold if op == ">=" else value <= threshold
+        goal = f"{op} {threshold}" if threshold is not None else None
+        out[name] = {"value": value, "goal": goal, "met": is_met, "what": what}
+    return out
+
+
+def print_rounds_report(rows: list[dict[str, Any]], ratios: dict[str, Any]) -> None:
+    print("\n| round | target | c | tok/s | TTFT p50 ms | ITL p50 ms | errors | cut | others |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['round']} | {row['target']} | {row['concurrency']} | "
+            f"{row['output_tok_s']:.1f} | {_fmt(_scaled(row['ttft_p50_s'], 1000), '.0f')} | "
+            f"{_fmt(_scaled(row['itl_p50_s'], 1000), '.0f')} | {row['num_errors']} | "
+            f"{row['num_timed_out']} | {row['cores_others']:.2f} |"
+        )
+    print("\n| figure (median of same-round ratios) | value | goal | met |\n|---|---:|---:|---|")
+    for name, entry in ratios.items():
+        value = "-" if entry["value"] is None else f"{entry['value']:.2f}"
+        met = {True: "met", False: "NOT met", None: "-"}[entry["met"]]
+        print(f"| {entry['what']} (`{name}`) | {value} | {entry['goal'] or '-'} | {met} |")
 
 
 def wait_for_quiet_window(max_cores: float, max_wait_s: float, window_s: float = 30.0) -> float:
@@ -451,6 +650,9 @@ def main() -> None:
         waited = wait_for_quiet_window(args.quiet_cores, args.start_when_quiet_s)
         print(f"started after waiting {waited:.0f}s for a quiet machine", flush=True)
     machine = machine_info()  # with the commit under test, taken before the run
+    if args.rounds:
+        main_rounds(args, machine, model_config, Path(config.cache_dir), model_dir, levels)
+        return
     results: dict[str, Any] = {}
     started = time.perf_counter()
     for name in args.targets:
@@ -486,6 +688,43 @@ def main() -> None:
     plot(results, args.concurrency, args.out / "serving.png")
     total_s = report["settings"]["total_s"]
     print(f"\nwrote serving.json and serving.png to {args.out} in {total_s:.0f}s")
+
+
+def main_rounds(
+    args: argparse.Namespace,
+    machine: dict[str, Any],
+    model_config: ModelConfig,
+    cache_dir: Path,
+    model_dir: Path,
+    levels: list[tuple[int, int]],
+) -> None:
+    started = time.perf_counter()
+    results = run_rounds(args, model_config, cache_dir, levels)
+    ratios = peer_ratios(results["rows"])
+    print_rounds_report(results["rows"], ratios)
+    memory = results["serve_app_replica_memory"]
+    if "VmRSS" in memory:
+        print(f"\nSmolLM2 replica RSS after the rounds: {memory['VmRSS'] / 2**20:.0f} MB")
+    if "warm-start" in args.targets:
+        results["warm-start"] = run_warm_start(args)
+    report = {
+        "machine": machine,
+        "settings": {
+            "model_dir": str(model_dir),
+            "targets": args.targets,
+            "rounds": args.rounds,
+            "max_tokens": args.max_tokens,
+            "levels": levels,
+            "level_timeout_s": args.level_timeout_s,
+            "engine_overrides": engine_overrides(args),
+            "smollm2_only": args.smollm2_only,
+            "total_s": time.perf_counter() - started,
+        },
+        **results,
+        "median_ratios": ratios,
+    }
+    (args.out / "serving_rounds.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwrote serving_rounds.json to {args.out} in {report['settings']['total_s']:.0f}s")
 
 
 if __name__ == "__main__":

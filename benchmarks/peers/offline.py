@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,15 @@ def engine_sender(engine: LLMEngine, max_tokens: int, tag: str) -> Sender:
         result.is_complete = True
 
     return send
+
+
+def engine_maker(engine: LLMEngine) -> Callable[[int, str], Sender]:
+    """(max_tokens, tag) -> engine_sender, the shape interleaved rounds take."""
+
+    def make(max_tokens: int, tag: str) -> Sender:
+        return engine_sender(engine, max_tokens, tag)
+
+    return make
 
 
 async def _sweep(

@@ -27,6 +27,8 @@ from serve_app.ports import free_port
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SMOLLM2_ID = "smollm2-135m-instruct"
+# Built by benchmarks/build_peers.sh, never by the test command.
+PEERS_DIR = Path(os.environ.get("SERVE_APP_PEERS_DIR", REPO_ROOT / ".peers"))
 
 
 @dataclass(slots=True)
@@ -92,6 +94,35 @@ def transformers_serve_command(model_dir: Path, threads: int) -> tuple[list[str]
     return [*command, "--port", str(port), "--log-level", "warning"], port
 
 
+def llama_server_command(gguf: Path, threads: int, slots: int = 16) -> tuple[list[str], int]:
+    """llama.cpp's server on the same GGUF: `slots` parallel sequences (continuous batching),
+    1024 tokens of context each, the file's own chat template (--jinja)."""
+    binary = _peer(PEERS_DIR / "bin" / "llama-server", "llama-server")
+    port = free_port()
+    command = [str(binary), "-m", str(gguf), "-np", str(slots), "-t", str(threads)]
+    command += ["-c", str(1024 * slots), "--jinja", "-a", SMOLLM2_ID]
+    return [*command, "--host", "127.0.0.1", "--port", str(port)], port
+
+
+def vllm_command(model_dir: Path) -> tuple[list[str], int]:
+    """vLLM's CPU build on the converted float32 folder (the same weights serve-app loads)."""
+    binary = _peer(PEERS_DIR / "vllm" / "bin" / "vllm", "vllm")
+    port = free_port()
+    command = [str(binary), "serve", str(model_dir), "--served-model-name", SMOLLM2_ID]
+    command += ["--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32"]
+    return [*command, "--host", "127.0.0.1", "--port", str(port)], port
+
+
+# vLLM's CPU backend sizes its KV cache from this (GiB; its default takes far more).
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def _peer(binary: Path, name: str) -> Path:
+    if not binary.exists():
+        raise RuntimeError(f"{binary} is missing: run benchmarks/build_peers.sh {name}")
+    return binary
+
+
 def naive_command(model_dir: Path, threads: int) -> tuple[list[str], int]:
     port = free_port()
     script = REPO_ROOT / "benchmarks" / "peers" / "naive_server.py"
@@ -101,15 +132,22 @@ def naive_command(model_dir: Path, threads: int) -> tuple[list[str], int]:
 
 @contextlib.contextmanager
 def running(
-    name: str, command: list[str], port: int, model: str, log_path: Path, timeout_s: float
+    name: str,
+    command: list[str],
+    port: int,
+    model: str,
+    log_path: Path,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
-    """Starts a server in its own session, waits for GET /health 200, stops its group after."""
+    """Starts a server in its own session (child_env() plus `env`), waits for GET /health 200,
+    stops its group after."""
     started = time.perf_counter()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command,
             cwd=REPO_ROOT,
-            env=child_env(),
+            env={**child_env(), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
