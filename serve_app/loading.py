@@ -45,8 +45,18 @@ def configure_threads(options: EngineOptions) -> None:
         torch.set_num_threads(options.torch_threads)
 
 
+# Told the weights folder and the tokenizer as soon as the tokenizer is loaded, before the
+# weights are: the engine process sends them to its replica, which loads its own tokenizer
+# meanwhile (engine_client.py).
+TokenizerHook = Callable[[Path, Any], None]
+
+
 def load_model(
-    model_config: ModelConfig, cache_dir: Path, auto_class: Any, has_gpu: bool
+    model_config: ModelConfig,
+    cache_dir: Path,
+    auto_class: Any,
+    has_gpu: bool,
+    on_tokenizer: TokenizerHook | None = None,
 ) -> tuple[Any, Any, torch.device]:
     """Prepared weights -> (model in eval mode on its device, tokenizer, device)."""
     options = model_config.engine
@@ -56,6 +66,8 @@ def load_model(
     if is_native_folder(directory) and device.type != "cpu":  # native weights are CPU kernels
         directory = prepare_weights(model_config, cache_dir, native=False)
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    if on_tokenizer is not None:
+        on_tokenizer(directory, tokenizer)
     if is_native_folder(directory):
         model, report = load_native_model(directory, auto_class)
         logger.info("native GGUF weights: %s", report.forms)
@@ -85,12 +97,17 @@ def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
         return pool.submit(fn, *args).result()
 
 
-def build_llm_engine(model_config: ModelConfig, cache_dir: Path, has_gpu: bool = True) -> LLMEngine:
+def build_llm_engine(
+    model_config: ModelConfig,
+    cache_dir: Path,
+    has_gpu: bool = True,
+    on_tokenizer: TokenizerHook | None = None,
+) -> LLMEngine:
     options = model_config.engine
 
     def load() -> tuple[Any, Any]:
         model, tokenizer, device = load_model(
-            model_config, cache_dir, AutoModelForCausalLM, has_gpu
+            model_config, cache_dir, AutoModelForCausalLM, has_gpu, on_tokenizer
         )
         return quantize(model, options, device), tokenizer
 

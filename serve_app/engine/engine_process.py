@@ -7,6 +7,8 @@ pair carrying pickled tuples (multiprocessing.connection framing). In, from the 
   ("add", [(request_id, prompt_ids, SamplingParams), ...])      one request, or n choices
   ("abort", request_id) | ("compile", (call_id, Constraint)) | ("stop", None)
 Out, to the replica:
+  ("tokenizer", {weights_dir, tokenizer_class})  once its tokenizer is loaded, before the
+                                     weights, so the replica loads its own meanwhile
   ("ready", {...}) or ("failed", (error type name, message))    once, after loading
   ("step", (outputs, EngineStats))   after every loop iteration: all rows' new outputs in one
                                      message (and, idle, a heartbeat about once a second)
@@ -23,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -132,20 +135,29 @@ class EngineServer:
         self._compiles.shutdown(wait=False, cancel_futures=True)
 
 
-def build(model: dict[str, Any], cache_dir: str, has_gpu: bool) -> tuple[Any, dict[str, Any]]:
-    """The engine, as the replica used to build it, and what the replica needs to know of it."""
+def build(
+    model: dict[str, Any], cache_dir: str, has_gpu: bool, send: Callable[[Any], None]
+) -> tuple[Any, dict[str, Any]]:
+    """The engine, as the replica used to build it, and what the replica needs to know of it.
+    The tokenizer's part is sent as soon as it is known (the "tokenizer" message)."""
     from serve_app.config import ModelConfig
     from serve_app.loading import build_llm_engine
-    from serve_app.model_store import prepare_weights
+
+    tokenizer_info: dict[str, Any] = {}
+
+    def on_tokenizer(weights_dir: Path, tokenizer: Any) -> None:
+        tokenizer_info.update(
+            weights_dir=str(weights_dir),
+            tokenizer_class=(type(tokenizer).__module__, type(tokenizer).__qualname__),
+        )
+        send(("tokenizer", tokenizer_info))
 
     config = ModelConfig.model_validate(model)
-    weights_dir = prepare_weights(config, Path(cache_dir))  # cached: build repeats it cheaply
-    engine = build_llm_engine(config, Path(cache_dir), has_gpu)
+    engine = build_llm_engine(config, Path(cache_dir), has_gpu, on_tokenizer)
     info = {
-        "weights_dir": str(weights_dir),
+        **tokenizer_info,
         "max_model_len": engine.max_model_len,
         "vocab_size": engine.vocab_size,
-        "tokenizer_class": (type(engine.tokenizer).__module__, type(engine.tokenizer).__qualname__),
         "pid": os.getpid(),
     }
     return engine, info
@@ -177,7 +189,7 @@ def main(fd: int, parent_pid: int, forked: bool = False) -> None:
     conn = Connection(fd)
     kind, (model, cache_dir, has_gpu) = conn.recv()
     try:
-        engine, info = build(model, cache_dir, has_gpu)
+        engine, info = build(model, cache_dir, has_gpu, conn.send)
     except Exception as exc:  # the replica raises it again (ModelSourceError: 503 per model)
         logger.exception("engine failed to load")
         conn.send(("failed", (type(exc).__name__, str(exc))))

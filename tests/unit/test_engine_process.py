@@ -227,3 +227,38 @@ async def test_missing_weights_in_the_engine_process_answer_503(tmp_path: Path) 
     out = [event async for event in server.generate(call())]
     assert len(out) == 1 and out[0].status_code == 503 and "absent-model" in out[0].message
     server.check_health()  # does not raise: restarting would not bring the weights back
+
+
+def test_the_tokenizer_is_announced_before_the_weights_load(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica loads its tokenizer while the child loads the weights (engine_client.py):
+    the "tokenizer" message must go out before the model is read."""
+    from transformers import AutoModelForCausalLM
+
+    from serve_app.engine import engine_process
+
+    events: list[str] = []
+    real_from_pretrained = AutoModelForCausalLM.from_pretrained
+
+    def weights_loading(*args: Any, **kwargs: Any) -> Any:
+        events.append("weights")
+        return real_from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", weights_loading)
+    sent: list[tuple[str, Any]] = []
+
+    def send(message: tuple[str, Any]) -> None:
+        events.append(message[0])
+        sent.append(message)
+
+    config = tiny_model_config(tiny_model_dir).model_dump(mode="json")
+    engine, info = engine_process.build(config, str(tmp_path), False, send)
+    try:
+        assert events == ["tokenizer", "weights"]
+        [(_, announced)] = sent
+        assert announced["weights_dir"] == info["weights_dir"]
+        cls = type(engine.tokenizer)
+        assert announced["tokenizer_class"] == (cls.__module__, cls.__qualname__)
+    finally:
+        engine.shutdown()
