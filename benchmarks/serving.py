@@ -440,7 +440,7 @@ def run_target(
     levels: list[tuple[int, int]],
 ) -> dict[str, Any]:
     if name in HTTP_TARGETS:
-        model_dir = prepare_weights(model_config, cache_dir)
+        model_dir = prepare_weights(model_config, cache_dir, native=False)  # peers read float32
         return run_http_target(name, args, model_dir, levels, gguf_of(model_config, cache_dir))
     if name == "offline-engine":
         from peers.offline import run_offline
@@ -468,7 +468,9 @@ def run_rounds(
     levels: list[tuple[int, int]],
 ) -> dict[str, Any]:
     """Every HTTP target up at once (and the offline engine here), then interleaved rounds."""
-    model_dir, gguf = prepare_weights(model_config, cache_dir), gguf_of(model_config, cache_dir)
+    # vLLM and transformers serve read the float32 folder; llama-server the GGUF itself.
+    model_dir = prepare_weights(model_config, cache_dir, native=False)
+    gguf = gguf_of(model_config, cache_dir)
     servers: dict[str, targets.Server] = {}
     memory: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
@@ -606,7 +608,8 @@ def main() -> None:
         raise SystemExit(f"config/serve.yaml has no {targets.SMOLLM2_ID}")
     engine = model_config.engine.model_copy(update=engine_overrides(args))
     model_config = model_config.model_copy(update={"engine": engine})
-    model_dir = prepare_weights(model_config, Path(config.cache_dir))  # converted once, cached
+    # converted once, cached (the peers' float32 folder)
+    model_dir = prepare_weights(model_config, Path(config.cache_dir), native=False)
     levels = sweep_levels(args)
     if args.start_when_quiet_s > 0:
         waited = wait_for_quiet_window(args.quiet_cores, args.start_when_quiet_s)

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from serve_app.engine.batch import BatchCache, cache_kv, growing_cache, left_padded_rows
 from serve_app.engine.grammar import apply_grammar_masks
+from serve_app.engine.llama_decode import LlamaDecodeStep, supports_llama_decode
 from serve_app.engine.prefix_cache import BLOCK_TOKENS, LayerKV, PrefixCache
 from serve_app.engine.sampling import Sampled, sample
 from serve_app.engine.sequence import Sequence
@@ -46,6 +47,13 @@ class ModelRunner:
             logger.warning("prefix caching is off: this model has sliding-window attention")
             prefix_cache_tokens = 0
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        # The decode step written out for Llama-family models on CPU (llama_decode.py: 1.4-1.6x
+        # faster per step than transformers' forward on native weights); others keep the model's.
+        self.llama_decode = (
+            LlamaDecodeStep(model)
+            if self.device.type == "cpu" and supports_llama_decode(model)
+            else None
+        )
         self.batch = BatchCache()
         self._chunk: _ChunkCache | None = None
         # Made on the first decode, in the inference thread: torch's thread count is per thread
@@ -168,17 +176,26 @@ class ModelRunner:
         if self.governor is not None:
             self.governor.start_step(len(rows))
         try:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=self.batch.decode_mask(),
-                position_ids=position_ids,
-                past_key_values=self.batch.cache,
-                use_cache=True,
-            )
+            logits = self._decode_logits(input_ids, position_ids)
         finally:
             if self.governor is not None:
                 self.governor.end_step()
-        return _sample(out.logits[:, -1, :], rows)
+        return _sample(logits, rows)
+
+    def _decode_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        mask, cache = self.batch.decode_mask(), self.batch.cache
+        assert cache is not None  # rows are decoding
+        if self.llama_decode is not None:
+            on_layer = self.governor.layer_done if self.governor is not None else None
+            return self.llama_decode(input_ids, position_ids, mask, cache, on_layer)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :]
 
     # ---- batch rows --------------------------------------------------------------------
 

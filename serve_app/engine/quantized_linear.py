@@ -116,3 +116,31 @@ def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def can_run_int4() -> bool:
     """Whether this torch has the CPU int4 kernels (2.5+ names them *_for_cpu)."""
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+# The CPU int4 packing interleaves blocks of 64 output rows: layers whose row counts are all
+# multiples of it can be packed apart and concatenated (checked against packing them together).
+_PACK_BLOCK_ROWS = 64
+
+
+def fuse_int4(linears: list[Int4Linear]) -> Int4Linear | None:
+    """One layer computing the given layers' outputs side by side (same input, one kernel
+    call); the given layers keep working as views of its weight, so no memory is added.
+    None when a layer's rows do not fill whole packing blocks, they differ in input, or one
+    has a bias (not needed by the models fused so far)."""
+    if any(linear.out_features % _PACK_BLOCK_ROWS or linear.bias is not None for linear in linears):
+        return None
+    if len({linear.in_features for linear in linears}) != 1:
+        return None
+    fused = Int4Linear.__new__(Int4Linear)
+    torch.nn.Module.__init__(fused)
+    fused.in_features = linears[0].in_features
+    fused.out_features = sum(linear.out_features for linear in linears)
+    fused.packed_weight = torch.cat([linear.packed_weight for linear in linears])
+    fused.scales_and_zeros = torch.cat([linear.scales_and_zeros for linear in linears], dim=1)
+    fused.bias = None
+    start = 0
+    for linear in linears:  # the separate layers now read the fused copy
+        linear.packed_weight = fused.packed_weight[start : start + linear.out_features]
+        start += linear.out_features
+    return fused

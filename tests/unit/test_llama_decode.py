@@ -1,0 +1,123 @@
+"""The written-out Llama decode step gives the model's own forward: the same logits and the same
+cache writes over a left-padded batch, step after step; fused int4 layers multiply like the
+separate ones, which keep working as views of the fused weight."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaForCausalLM
+
+from serve_app.engine.batch import cache_kv, growing_cache
+from serve_app.engine.llama_decode import LlamaDecodeStep, supports_llama_decode
+from serve_app.engine.quantized_linear import Int4Linear, can_run_int4, fuse_int4
+from tests.unit.conftest import tiny_llama_config
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    torch.manual_seed(0)
+    config = tiny_llama_config(vocab_size=300, max_position_embeddings=256, initializer_range=0.2)
+    return LlamaForCausalLM(config).eval()
+
+
+def _prefilled(model: Any, lengths: list[int]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    """A left-padded batch of random prompts: its growing cache, mask and first tokens."""
+    width = max(lengths)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 300, (len(lengths), width), generator=generator)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, width - length :] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
+        )
+    return growing_cache(cache_kv(cache)), mask, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def test_steps_match_the_models_forward_over_a_left_padded_batch(model: Any) -> None:
+    lengths = [7, 3, 11]
+    reference_cache, mask, tokens = _prefilled(model, lengths)
+    lean_cache, _, _ = _prefilled(model, lengths)
+    step = LlamaDecodeStep(model)
+    reference_tokens = lean_tokens = tokens
+    for _ in range(6):
+        mask = torch.cat([mask, mask.new_ones((len(lengths), 1))], dim=1)
+        positions = mask.sum(1, keepdim=True) - 1
+        with torch.no_grad():
+            reference = model(
+                input_ids=reference_tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=reference_cache,
+            ).logits[:, -1]
+        lean = step(lean_tokens, positions, mask, lean_cache)
+        torch.testing.assert_close(lean, reference, rtol=1e-4, atol=1e-4)
+        reference_tokens = reference.argmax(-1, keepdim=True)
+        lean_tokens = lean.argmax(-1, keepdim=True)
+    for (ref_k, ref_v), (k, v) in zip(cache_kv(reference_cache), cache_kv(lean_cache), strict=True):
+        torch.testing.assert_close(k, ref_k, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v, ref_v, rtol=1e-4, atol=1e-4)
+
+
+def test_the_governor_hears_each_layer_and_the_end(model: Any) -> None:
+    cache, mask, tokens = _prefilled(model, [4, 6])
+    mask = torch.cat([mask, mask.new_ones((2, 1))], dim=1)
+    marks: list[int] = []
+    LlamaDecodeStep(model)(
+        tokens, mask.sum(1, keepdim=True) - 1, mask, cache, lambda: marks.append(1)
+    )
+    assert len(marks) == model.config.num_hidden_layers + 1
+
+
+def test_only_plain_llama_models_are_supported(model: Any) -> None:
+    assert supports_llama_decode(model)
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    gemma = Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=100,
+        )
+    )
+    assert not supports_llama_decode(gemma)
+    biased = LlamaForCausalLM(tiny_llama_config(vocab_size=100, attention_bias=True))
+    assert not supports_llama_decode(biased)
+
+
+def _int4(rows: int, cols: int = 128, seed: int = 0) -> Int4Linear:
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, cols), generator=generator)
+    scales = torch.rand((rows, cols // 32), generator=generator) * 0.01
+    zeros = torch.randn((rows, cols // 32), generator=generator) * 0.01
+    return Int4Linear(q, scales, zeros)
+
+
+@pytest.mark.skipif(not can_run_int4(), reason="torch has no CPU int4 kernels")
+def test_fused_int4_layers_multiply_like_the_separate_ones() -> None:
+    layers = [_int4(128, seed=1), _int4(64, seed=2), _int4(64, seed=3)]
+    x = torch.randn(5, 128)
+    separate = torch.cat([layer(x) for layer in layers], dim=1)
+    fused = fuse_int4(layers)
+    assert fused is not None and fused.out_features == 256
+    assert torch.equal(fused(x), separate)
+    # the originals now read slices of the fused weight: same results, no copy of their own
+    assert torch.equal(torch.cat([layer(x) for layer in layers], dim=1), separate)
+    assert layers[1].packed_weight.data_ptr() == fused.packed_weight[128:].data_ptr()
+
+
+@pytest.mark.skipif(not can_run_int4(), reason="torch has no CPU int4 kernels")
+def test_layers_off_the_packing_blocks_are_not_fused() -> None:
+    # the CPU packing interleaves 64 rows: 96 + 32 concatenated would mix two layers' rows
+    assert fuse_int4([_int4(96), _int4(32)]) is None
+    assert fuse_int4([_int4(64, cols=128), _int4(64, cols=64)]) is None
