@@ -274,6 +274,17 @@ def replica_memory(session_id: int) -> dict[str, Any]:
     return {"pid": pids[0], **targets.memory_of(pids[0])}
 
 
+def engine_process_memory(server: targets.Server) -> dict[str, Any]:
+    """VmRSS etc. of SmolLM2's engine process (the model lives there, not in the replica),
+    found by the pid its replica reports at /admin/models/{id}/stats."""
+    url = f"{server.base_url}/admin/models/{targets.SMOLLM2_ID}/stats"
+    try:
+        pid = int(httpx.get(url, timeout=10).json()["engine_pid"])
+        return {"pid": pid, **targets.memory_of(pid)}
+    except (OSError, httpx.HTTPError, KeyError, ValueError) as exc:
+        return {"error": f"engine process memory: {exc}"}
+
+
 def run_warm_start(args: argparse.Namespace) -> dict[str, Any]:
     """Full config/serve.yaml (all models, weights already converted): spawn to /health 200."""
     command, port = targets.serve_app_command(args.out, "serve_full", None)
@@ -490,6 +501,7 @@ def run_rounds(
         rows = asyncio.run(_rounds(args, servers, engine, levels))
         if "serve-app" in servers:
             memory = replica_memory(servers["serve-app"].process.pid)
+            memory["engine_process"] = engine_process_memory(servers["serve-app"])
     return {
         "rows": rows,
         "servers": {n: {"startup_s": v.ready_s} for n, v in servers.items()},
@@ -669,9 +681,11 @@ def main_rounds(
     print_rounds_report(results["rows"], ratios)
     memory = results["serve_app_replica_memory"]
     if "VmRSS" in memory:
-        print(  # the model itself lives in the replica's engine process, not counted here
-            f"\nSmolLM2 replica process RSS after the rounds (without its engine process): "
-            f"{memory['VmRSS'] / 2**20:.0f} MB"
+        engine_rss = memory.get("engine_process", {}).get("VmRSS")
+        engine_text = f"{engine_rss / 2**20:.0f} MB" if engine_rss else "not found"
+        print(
+            f"\nSmolLM2 after the rounds: replica process RSS {memory['VmRSS'] / 2**20:.0f} MB, "
+            f"its engine process (the model) {engine_text}"
         )
     if "warm-start" in args.targets:
         results["warm-start"] = run_warm_start(args)
