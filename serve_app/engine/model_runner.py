@@ -21,6 +21,7 @@ from serve_app.engine.batch import BatchCache, cache_kv, growing_cache, left_pad
 from serve_app.engine.grammar import apply_grammar_masks
 from serve_app.engine.llama_decode import LlamaDecodeStep, supports_llama_decode
 from serve_app.engine.prefix_cache import BLOCK_TOKENS, LayerKV, PrefixCache
+from serve_app.engine.quantized_linear import has_int4_layers
 from serve_app.engine.sampling import Sampled, sample
 from serve_app.engine.sequence import Sequence
 from serve_app.engine.thread_governor import ThreadGovernor, govern_decoder_layers
@@ -47,11 +48,12 @@ class ModelRunner:
             logger.warning("prefix caching is off: this model has sliding-window attention")
             prefix_cache_tokens = 0
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
-        # The decode step written out for Llama-family models on CPU (llama_decode.py: 1.4-1.6x
-        # faster per step than transformers' forward on native weights); others keep the model's.
+        # The decode step written out for Llama-family models on native 4-bit weights
+        # (llama_decode.py: 1.4-1.6x faster per step than transformers' forward there); float32
+        # models keep the model's forward (no clear gain measured, and bit-for-bit today's).
         self.llama_decode = (
             LlamaDecodeStep(model)
-            if self.device.type == "cpu" and supports_llama_decode(model)
+            if self.device.type == "cpu" and supports_llama_decode(model) and has_int4_layers(model)
             else None
         )
         self.batch = BatchCache()

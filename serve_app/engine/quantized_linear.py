@@ -113,6 +113,11 @@ def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+def has_int4_layers(model: torch.nn.Module) -> bool:
+    """Whether the model was loaded with native 4-bit weights (some layer is an Int4Linear)."""
+    return any(isinstance(module, Int4Linear) for module in model.modules())
+
+
 def can_run_int4() -> bool:
     """Whether this torch has the CPU int4 kernels (2.5+ names them *_for_cpu)."""
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")

@@ -95,11 +95,15 @@ def sample(logits: torch.Tensor, states: Sequence[SamplerState]) -> Sampled:
 
 def _row_logprobs(scores: torch.Tensor, token_id: int, num_top: int) -> RowLogprobs:
     logprobs = torch.log_softmax(scores, dim=-1)
-    top = torch.topk(logprobs, num_top) if num_top > 0 else None
+    if num_top <= 0:
+        return RowLogprobs(logprob=float(logprobs[token_id]), top_ids=[], top_logprobs=[])
+    # A stable sort, not topk: tied values keep the lowest id first, as argmax (greedy) picks
+    # them, so a greedy token is its own top-1 (bf16-rounded logits of native weights tie often).
+    values, indices = torch.sort(logprobs, descending=True, stable=True)
     return RowLogprobs(
         logprob=float(logprobs[token_id]),
-        top_ids=[int(i) for i in top.indices.tolist()] if top is not None else [],
-        top_logprobs=[float(v) for v in top.values.tolist()] if top is not None else [],
+        top_ids=[int(i) for i in indices[:num_top].tolist()],
+        top_logprobs=[float(v) for v in values[:num_top].tolist()],
     )
 
 

@@ -82,3 +82,18 @@ def test_logprobs_come_from_the_distribution_the_token_was_drawn_from() -> None:
     sharpened = torch.log_softmax(logits[0] / 0.5, dim=-1)
     assert warm_logprobs is not None and warm_logprobs.top_ids == []
     assert abs(warm_logprobs.logprob - float(sharpened[warm.token_ids[0]])) < 1e-5
+
+
+def test_a_greedy_token_tied_with_others_is_its_own_top_logprob() -> None:
+    from serve_app.engine.sampling import sample
+
+    # bf16-rounded logits (native weights) tie often; argmax takes the lowest tied id
+    vocab = 4096
+    logits = torch.zeros((1, vocab))
+    tied = [5, 700, 1200, 3000, 4000]
+    logits[0, tied] = 7.5
+    row = SamplerState(SamplingParams(temperature=0.0, logprobs=3), vocab_size=vocab, device=DEVICE)
+    sampled = sample(logits, [row])
+    [entry] = sampled.logprobs
+    assert entry is not None and sampled.token_ids == [5]
+    assert entry.top_ids == [5, 700, 1200]
