@@ -187,6 +187,42 @@ def test_native_load_gives_transformers_dequantized_logits(tiny_gguf: Path, tmp_
     assert agreement >= 0.9
 
 
+def test_a_native_llama_decodes_through_the_written_out_step(
+    tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """ModelRunner takes LlamaDecodeStep for native 4-bit weights (not for float32), and its
+    step gives the model's own forward's distribution (bf16 activations: close, not equal)."""
+    from transformers import DynamicCache
+
+    from serve_app.engine.batch import cache_kv, growing_cache
+    from serve_app.engine.model_runner import ModelRunner
+
+    native, _ = load_native_model(native_folder(tiny_gguf, tmp_path / "n"), AutoModelForCausalLM)
+    assert ModelRunner(native).llama_decode is not None
+    reference = AutoModelForCausalLM.from_pretrained(
+        tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32
+    ).eval()
+    assert ModelRunner(reference).llama_decode is None
+    step = ModelRunner(native).llama_decode
+    assert step is not None
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    caches, mask = [], torch.ones((2, 13), dtype=torch.long)
+    for _ in range(2):
+        cache = DynamicCache()
+        with torch.no_grad():
+            native(input_ids=ids, past_key_values=cache)
+        caches.append(growing_cache(cache_kv(cache)))
+    token, positions = ids[:, -1:], torch.full((2, 1), 12)
+    with torch.no_grad():
+        expected = native(
+            input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=caches[0]
+        ).logits[:, -1]
+    got = step(token, positions, mask, caches[1])
+    p, q = torch.log_softmax(expected, -1), torch.log_softmax(got, -1)
+    assert float((p.exp() * (p - q)).sum(-1).max()) < 1e-3
+    assert torch.equal(expected.argmax(-1), got.argmax(-1))
+
+
 def test_wants_native_only_for_cpu_llms() -> None:
     def model(kind: str = "chat", **engine: object) -> ModelConfig:
         return ModelConfig(
