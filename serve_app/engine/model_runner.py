@@ -49,8 +49,8 @@ class ModelRunner:
             prefix_cache_tokens = 0
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         # The decode step written out for Llama-family models on native 4-bit weights
-        # (llama_decode.py: 1.4-1.6x faster per step than transformers' forward there); float32
-        # models keep the model's forward (no clear gain measured, and bit-for-bit today's).
+        # (llama_decode.py: 1.4-1.7x faster per step than transformers' forward there); float32
+        # models keep the model's forward (no clear gain measured there).
         self.llama_decode = (
             LlamaDecodeStep(model)
             if self.device.type == "cpu" and supports_llama_decode(model) and has_int4_layers(model)

@@ -97,13 +97,17 @@ def _row_logprobs(scores: torch.Tensor, token_id: int, num_top: int) -> RowLogpr
     logprobs = torch.log_softmax(scores, dim=-1)
     if num_top <= 0:
         return RowLogprobs(logprob=float(logprobs[token_id]), top_ids=[], top_logprobs=[])
-    # A stable sort, not topk: tied values keep the lowest id first, as argmax (greedy) picks
-    # them, so a greedy token is its own top-1 (bf16-rounded logits of native weights tie often).
-    values, indices = torch.sort(logprobs, descending=True, stable=True)
+    # topk leaves the order of tied values open; argmax (greedy) takes the lowest id. So the
+    # values down to the k-th are re-sorted stably in id order: a greedy token is its own
+    # top-1 (bf16-rounded logits of native weights tie often). No full sort of the vocabulary.
+    cutoff = torch.topk(logprobs, num_top).values[-1]
+    candidates = (logprobs >= cutoff).nonzero().squeeze(1)  # ascending ids
+    order = torch.sort(logprobs[candidates], descending=True, stable=True).indices[:num_top]
+    top_ids = candidates[order]
     return RowLogprobs(
         logprob=float(logprobs[token_id]),
-        top_ids=[int(i) for i in indices[:num_top].tolist()],
-        top_logprobs=[float(v) for v in values[:num_top].tolist()],
+        top_ids=[int(i) for i in top_ids.tolist()],
+        top_logprobs=[float(v) for v in logprobs[top_ids].tolist()],
     )
 
 
