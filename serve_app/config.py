@@ -60,9 +60,10 @@ class EngineOptions(_Strict):
         True, description="CPU float32: Linear weights prepacked once for oneDNN (faster matmuls)"
     )
     weights: Literal["float32", "native"] = Field(
-        "float32",
+        "native",
         description="GGUF LLMs on CPU: native keeps the file's 4/8-bit weights (int4/int8 "
-        "kernels, no float32 conversion); float32 dequantizes once to a safetensors cache",
+        "kernels, no float32 conversion); float32 dequantizes once to a safetensors cache "
+        "(a GPU replica always loads that)",
     )
     # LLMs (kind chat or completion) only:
     max_num_seqs: int = Field(16, ge=1, description="rows in the running batch")

@@ -49,7 +49,48 @@ def output_schema(choice: ToolChoice) -> dict[str, Any]:
 
 def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
     parameters = tool.get("parameters") or {"type": "object", "properties": {}}
-    return _object({"name": {"const": tool["name"]}, "arguments": parameters})
+    return _object({"name": {"const": tool["name"]}, "arguments": closed_objects(parameters)})
+
+
+# Keywords whose value is a schema, or a list or map of schemas.
+_SUBSCHEMA = ("items", "not", "if", "then", "else", "contains", "additionalItems")
+# allOf is left as written: its parts' properties add up, closing one part would refuse
+# the others' keys.
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+# An object that says anything about its other keys is left to say it.
+_OPENING_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
+
+
+def closed_objects(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object with `properties` that
+    leaves its other keys unset.
+
+    A call's arguments hold the properties its tool declares. JSON Schema's default admits any
+    other key, and a small model given that freedom can write keys until max_tokens (SmolLM2
+    at 4 bits did, greedily). vLLM's default grammar backend (xgrammar, strict mode) closes
+    objects the same way; an explicit `additionalProperties` is kept as written."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for key in _SUBSCHEMA:
+        if key in closed:
+            closed[key] = closed_objects(closed[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(closed.get(key), list):
+            closed[key] = closed_objects(closed[key])
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(closed.get(key), dict):
+            closed[key] = {name: closed_objects(sub) for name, sub in closed[key].items()}
+    if isinstance(closed.get("additionalProperties"), dict):
+        closed["additionalProperties"] = closed_objects(closed["additionalProperties"])
+    # An object with no "properties" at all ({"type": "object"}) means any object: kept open.
+    is_open = not any(key in closed for key in _OPENING_KEYS)
+    if "properties" in closed and is_open:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def _object(properties: dict[str, Any]) -> dict[str, Any]:

@@ -53,7 +53,8 @@ def gguf_model(tmp_path: Path) -> ModelConfig:
     source = tmp_path / "weights" / "m.gguf"
     source.parent.mkdir()
     source.write_bytes(b"GGUF fake")
-    return ModelConfig(id="m", kind="chat", source=str(source))
+    # The conversion cache is the float32 path (native GGUF weights are not converted).
+    return ModelConfig(id="m", kind="chat", source=str(source), engine={"weights": "float32"})
 
 
 def test_two_replicas_preparing_at_once_share_one_conversion(

@@ -91,6 +91,38 @@ def test_the_schema_admits_only_the_offered_calls() -> None:
         jsonschema.validate({"tool_calls": [good["tool_calls"][0]] * 2}, required)
 
 
+def test_arguments_hold_only_the_declared_keys_unless_the_schema_opens_them() -> None:
+    open_tool = {
+        "name": "find",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "place": {"type": "object", "properties": {"city": {"type": "string"}}},
+                "tags": {"type": "array", "items": {"properties": {"k": {"type": "string"}}}},
+                "extra": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "free": {"type": "object"},
+            },
+        },
+    }
+    schema = output_schema(ToolChoice([open_tool], "required"))
+
+    def call(arguments: dict) -> dict:
+        return {"tool_calls": [{"name": "find", "arguments": arguments}]}
+
+    jsonschema.validate(
+        call({"place": {"city": "Rome"}, "extra": {"n": 1}, "free": {"a": 1}}), schema
+    )
+    for stray in [
+        {"zone": "x"},
+        {"place": {"city": "Rome", "zone": "x"}},
+        {"tags": [{"k": "a", "v": "b"}]},
+        {"extra": {"n": "not an integer"}},
+    ]:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(call(stray), schema)
+    assert "additionalProperties" not in open_tool["parameters"]  # the request is not mutated
+
+
 def test_history_renders_in_plain_roles() -> None:
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
