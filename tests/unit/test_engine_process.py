@@ -115,7 +115,9 @@ async def test_n_choices_come_back_interleaved_and_seeded(client: Any) -> None:
 
 async def test_abort_frees_the_slot(client: Any) -> None:
     before = client.stats().num_aborted
-    stream = client.generate("long", ids(client, "The"), SamplingParams(max_tokens=400))
+    # ignore_eos: a sampled EOS among the first tokens would end the stream before the abort.
+    endless = SamplingParams(max_tokens=400, ignore_eos=True)
+    stream = client.generate("long", ids(client, "The"), endless)
     for _ in range(3):
         await stream.__anext__()
     await stream.aclose()
