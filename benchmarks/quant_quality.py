@@ -28,7 +28,13 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from serve_app.config import ModelConfig, app_config_from_serve_config
 from serve_app.engine.batch import cache_kv, growing_cache
 from serve_app.engine.gguf_weights import dequantized, read_tensors
-from serve_app.engine.quantized_linear import Int4Linear, Int8Embedding, Int8Linear
+from serve_app.engine.quantized_linear import (
+    Bf16Embedding,
+    Bf16Linear,
+    Fp16Linear,
+    Int4Linear,
+    Q8Embedding,
+)
 from serve_app.loading import load_model
 from serve_app.model_store import prepare_weights
 
@@ -82,29 +88,33 @@ def greedy(model: Any, tokenizer: Any, prompt: str, num_tokens: int = 8) -> str:
 
 def weight_differences(model: Any, directory: Path) -> dict[str, dict[str, float]]:
     """Per (GGUF type -> form): the largest |repacked - GGUF dequantized| over all its tensors,
-    and that relative to the tensor's largest |value|."""
+    and that relative to the tensor's largest |value|. A tied head is compared with the
+    vocabulary tensor it shares."""
     from accelerate import init_empty_weights
 
     modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
+    head_name = next(n for n, m in modules.items() if m is head)
     with init_empty_weights(include_buffers=False):  # the plain layers' names, for the index
         skeleton = AutoModelForCausalLM.from_config(model.config)
     found: dict[str, dict[str, float]] = {}
-    for name, (qtype, raw) in read_tensors(directory, skeleton).items():
+    tensors = read_tensors(directory, skeleton)
+    for name, (qtype, raw) in tensors.items():
         module = modules.get(name.removesuffix(".weight"))
-        if isinstance(module, Int8Embedding):  # the vocabulary (and a tied head's) int8 rows
-            repacked, form = module.weight_int8.float() * module.scales.float()[:, None], "int8"
-        elif isinstance(module, (Int4Linear, Int8Linear)):
-            repacked, form = module.dequantized(), type(module).__name__[:4].lower()
-        else:
+        if not isinstance(module, (Int4Linear, Bf16Linear, Fp16Linear, Q8Embedding, Bf16Embedding)):
             continue
         reference = dequantized(raw, qtype)
-        diff = float((repacked - reference).abs().max())
-        relative = diff / float(reference.abs().max())
-        key = f"{qtype.name}->{form}" + " vocabulary" * isinstance(module, Int8Embedding)
-        entry = found.setdefault(key, {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "tensors": 0})
-        entry["max_abs_diff"] = max(entry["max_abs_diff"], diff)
-        entry["max_rel_diff"] = max(entry["max_rel_diff"], relative)
-        entry["tensors"] += 1
+        compared = [(module, type(module).__name__)]
+        if module is model.get_input_embeddings() and f"{head_name}.weight" not in tensors:
+            compared.append((head, "Fp16Linear tied head"))
+        for layer, form in compared:
+            diff = float((layer.dequantized() - reference).abs().max())
+            entry = found.setdefault(
+                f"{qtype.name}->{form}", {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "tensors": 0}
+            )
+            entry["max_abs_diff"] = max(entry["max_abs_diff"], diff)
+            entry["max_rel_diff"] = max(entry["max_rel_diff"], diff / float(reference.abs().max()))
+            entry["tensors"] += 1
     return found
 
 
@@ -182,7 +192,9 @@ def main() -> None:
     results["native_load_s"] = native_load_s
     results["weights"] = weight_differences(native, directory)
     results["quality"] = teacher_forced(reference, native, ids)
-    prompt = "The capital of France is"
+    # A question: Gemma-3-270m (a base model) continues "The capital of France is" without
+    # naming Paris, in float32 too.
+    prompt = "Q: What is the capital of France?\nA:"
     results["paris"] = {
         "native": greedy(native, tokenizer, prompt),
         "float32": greedy(reference, tokenizer, prompt),

@@ -61,9 +61,9 @@ class EngineOptions(_Strict):
     )
     weights: Literal["float32", "native"] = Field(
         "native",
-        description="GGUF LLMs on CPU: native keeps the file's 4/8-bit weights (int4/int8 "
-        "kernels, no float32 conversion); float32 dequantizes once to a safetensors cache "
-        "(a GPU replica always loads that)",
+        description="GGUF LLMs on CPU: native keeps the file's 4-bit weights (int4 kernel) "
+        "and its other quantized types as bf16 (no float32 conversion); float32 dequantizes "
+        "once to a safetensors cache (a GPU replica always loads that)",
     )
     # LLMs (kind chat or completion) only:
     max_num_seqs: int = Field(16, ge=1, description="rows in the running batch")

@@ -3,14 +3,16 @@
 A model skeleton is built on the meta device from the cached config; each tensor is read from
 the memory-mapped GGUF file by the index model_store wrote (name, type, shape, offset) and
 placed: Q4_0/Q4_1/Q4_K linears as int4 groups of 32 (the GGUF's own values: a Q4_K sub-block
-of 32 has one 6-bit scale and min, so it is one group), other quantized linears and the
-vocabulary matrix as per-channel int8, small float tensors (norms) as float32.
+of 32 has one 6-bit scale and min, so it is one group), other quantized linears as bf16, the
+output layer as fp16 (float32 logits), a Q8_0 vocabulary's lookup on the file's own rows
+(mapped), small float tensors (norms) as float32.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 from serve_app.engine.packed_linear import PackedLinear
 from serve_app.engine.quantized_linear import (
     GROUP_SIZE,
+    Bf16Embedding,
+    Bf16Linear,
+    Fp16Linear,
     Int4Linear,
-    Int8Embedding,
-    Int8Linear,
-    int8_per_channel,
+    Q8Embedding,
 )
 
 logger = logging.getLogger(__name__)
@@ -170,7 +173,7 @@ def int4_linear(raw: np.ndarray, qtype: GGMLQuantizationType, bias: Any = None) 
 def quantized_linear(
     raw: np.ndarray, qtype: GGMLQuantizationType, bias: torch.Tensor | None, report: LoadReport
 ) -> torch.nn.Module:
-    """The layer for one GGUF linear weight: int4 (4-bit types), int8 (other quantized types),
+    """The layer for one GGUF linear weight: int4 (4-bit types), bf16 (other quantized types),
     or float32 prepacked (float types)."""
     if qtype in INT4_TYPES and _columns(raw, qtype) % GROUP_SIZE == 0:
         report.add(qtype, "int4")
@@ -183,8 +186,8 @@ def quantized_linear(
         if bias is not None:
             linear.bias.data = bias
         return PackedLinear(linear)
-    report.add(qtype, "int8")
-    return Int8Linear(*int8_per_channel(weight), bias)
+    report.add(qtype, "bf16")
+    return Bf16Linear(weight, bias)
 
 
 def _columns(raw: np.ndarray, qtype: GGMLQuantizationType) -> int:
@@ -210,7 +213,7 @@ def load_native_model(directory: Path, auto_class: Any) -> tuple[Any, LoadReport
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config, dtype=torch.float32)
-    report = _fill(model, read_tensors(directory, model))
+    report = _fill(model, read_tensors(directory, model), directory)
     return model.eval(), report
 
 
@@ -268,9 +271,11 @@ def _raw(data: np.memmap, entry: TensorEntry, processor: Any) -> np.ndarray:
     return np.asarray(processor.process(weights=raw, name=entry.name).weights)
 
 
-def _fill(model: Any, tensors: dict[str, tuple[GGMLQuantizationType, np.ndarray]]) -> LoadReport:
+def _fill(
+    model: Any, tensors: dict[str, tuple[GGMLQuantizationType, np.ndarray]], directory: Path
+) -> LoadReport:
     report = LoadReport({})
-    _place_vocabulary(model, tensors, report)
+    _place_vocabulary(model, tensors, directory, report)
     for module_name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{module_name}.{child_name}" if module_name else child_name
@@ -297,25 +302,64 @@ def _float(item: tuple[GGMLQuantizationType, np.ndarray] | None) -> torch.Tensor
 
 
 def _place_vocabulary(
-    model: Any, tensors: dict[str, tuple[GGMLQuantizationType, np.ndarray]], report: LoadReport
+    model: Any,
+    tensors: dict[str, tuple[GGMLQuantizationType, np.ndarray]],
+    directory: Path,
+    report: LoadReport,
 ) -> None:
-    """The embedding table as int8 rows; a tied head shares them as an Int8Linear."""
+    """The embedding lookup on the file's Q8_0 rows, mapped (other types: a bf16 table); the
+    output layer, tied or not, in fp16 with float32 logits (Fp16Linear says why)."""
     embeddings = model.get_input_embeddings()
     name = next(n for n, p in model.named_parameters() if p is embeddings.weight)
     head = model.get_output_embeddings()
     head_name = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
     tied = head_name is not None and head_name not in tensors
     qtype, raw = tensors.pop(name)
-    weight = dequantized(raw, qtype) if qtype not in FLOAT_TYPES else _float((qtype, raw))
-    assert weight is not None
-    table = Int8Linear(*int8_per_channel(weight))
-    del weight
     scale = getattr(embeddings, "embed_scale", None)
-    model.set_input_embeddings(Int8Embedding(table, scale if torch.is_tensor(scale) else None))
-    report.add(qtype, "int8 embedding")
+    scale = scale if torch.is_tensor(scale) else None
     if tied:
-        model.set_output_embeddings(table)
-        report.add(qtype, "int8 tied head")
+        model.set_output_embeddings(Fp16Linear(_values(qtype, raw, torch.float16)))
+        report.add(qtype, "fp16 tied head")
+    elif head_name is not None:
+        head_qtype, head_raw = tensors.pop(head_name)
+        head_bias = _float(tensors.pop(head_name.removesuffix("weight") + "bias", None))
+        values = _values(head_qtype, head_raw, torch.float16)
+        model.set_output_embeddings(Fp16Linear(values, head_bias))
+        report.add(head_qtype, "fp16 head")
+    rows = _mapped_rows(directory, VOCABULARY_TENSOR) if qtype == T.Q8_0 else None
+    if rows is not None and rows.shape[0] == raw.shape[0]:
+        model.set_input_embeddings(Q8Embedding(rows, scale))
+        report.add(qtype, "Q8_0 rows embedding")
+    else:
+        model.set_input_embeddings(Bf16Embedding(_values(qtype, raw, torch.bfloat16), scale))
+        report.add(qtype, "bf16 embedding")
+
+
+def _values(
+    qtype: GGMLQuantizationType, raw: np.ndarray, dtype: torch.dtype, rows: int = 16384
+) -> torch.Tensor:
+    """A tensor's values in `dtype`, dequantized a slice of rows at a time: a vocabulary's
+    float32 copy (671 MB for Gemma-3's) is never whole in memory."""
+    slices = (raw[start : start + rows] for start in range(0, len(raw), rows))
+    return torch.cat([torch.as_tensor(_float((qtype, part))).to(dtype) for part in slices])
+
+
+# The input embeddings' GGUF name in every llama.cpp architecture; the row-only processors
+# (_ROW_ONLY_PROCESSORS) leave its rows as the file has them.
+VOCABULARY_TENSOR = "token_embd.weight"
+
+
+def _mapped_rows(directory: Path, tensor_name: str) -> torch.Tensor | None:
+    """A tensor's bytes [rows, row bytes] as a copy-on-write map of the GGUF file: no read, and
+    only the pages touched later become resident. None when the index has no such tensor."""
+    gguf_path, _, entries = read_index(directory)
+    entry = next((e for e in entries if e.name == tensor_name), None)
+    if entry is None:
+        return None
+    with gguf_path.open("rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensor = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.num_bytes, offset=entry.offset)
+    return tensor.view(entry.shape[0], -1)  # holds the map open as long as it lives
 
 
 def _set_tensor(model: Any, name: str, value: torch.Tensor | None) -> None:

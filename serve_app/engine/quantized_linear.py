@@ -1,10 +1,11 @@
-"""Linear layers and embedding lookups on 4-bit and 8-bit weights (CPU, torch's int4/int8 ops).
+"""Linear layers and embedding lookups on GGUF weights kept quantized (CPU): int4 and bf16.
 
 GGUF weights keep their own quantized form (gguf_weights.py repacks them): Q4_0/Q4_1/Q4_K
-blocks become int4 groups of 32 for `_weight_int4pack_mm_for_cpu`, other types (Q8_0, Q5_x,
-Q6_K) per-channel int8 for `_weight_int8pack_mm`. Both kernels take bf16 activations (the fast
-path here; float32 activations measured 7-30x slower); the residual stream stays float32:
-each layer casts its input to bf16 and its output back.
+blocks become int4 groups of 32 for `_weight_int4pack_mm_for_cpu`; other types (Q8_0, Q5_x,
+Q6_K) bf16 weights prepacked for oneDNN. Both take bf16 activations (the int4 kernel's fast
+path; float32 activations measured 7-30x slower); the residual stream stays float32: each layer
+casts its input to bf16 and its output back. The output layer is fp16 with float32 logits
+(Fp16Linear); a Q8_0 vocabulary is looked up in the file's own rows (Q8Embedding).
 """
 
 from __future__ import annotations
@@ -60,57 +61,131 @@ class Int4Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g32"
 
 
-class Int8Linear(torch.nn.Module):
-    """y = x @ (q * scale).T (+ bias), q int8 [N, K], one scale per output channel."""
+class Bf16Linear(torch.nn.Module):
+    """y = x @ w.T (+ bias) with w held in bf16, prepacked once for oneDNN where this CPU has
+    bf16 matmuls (avx512_bf16/AMX), plain bf16 otherwise. For the GGUF types the int4 kernel
+    cannot take (Q5_x, Q6_K, Q8_0): their values to bf16 rounding. Per-channel int8 of the same
+    tensors (torch's int8 kernel) lost too much on Gemma-3 (KL 0.0077 to float32, top-1 94.5%):
+    prepacked bf16 is 0.6-0.9x its speed at batch 1 and 2-2.8x at batch 16 on Gemma's shapes
+    (benchmarks/linear_kernels.py; docs/benchmarks.md, session 13)."""
 
-    def __init__(
-        self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.weight_int8 = q.to(torch.int8).contiguous()
-        self.scales = scales.to(torch.bfloat16).contiguous()
+        self.out_features, self.in_features = weight.shape
+        plain = weight.detach().to(torch.bfloat16).contiguous()
+        self.packed = _bf16_packing_available()
+        self.weight_bf16 = torch.ops.mkldnn._reorder_linear_weight(plain) if self.packed else plain
         self.bias = None if bias is None else bias.detach().float().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scales).to(x.dtype)
+        y = self._matmul(x.reshape(-1, self.in_features).to(torch.bfloat16)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(rows, self.weight_bf16, None, "none", [], "")
+        return torch.nn.functional.linear(rows, self.weight_bf16)
+
     def dequantized(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scales.float().unsqueeze(1)
+        """The bf16 weight [N, K] as float32, read back through the matmul (exact: one
+        product per output)."""
+        return self._matmul(torch.eye(self.in_features, dtype=torch.bfloat16)).float().t()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        form = "bf16 packed" if self.packed else "bf16"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {form}"
 
 
-class Int8Embedding(torch.nn.Module):
-    """Embedding lookup on the rows of an Int8Linear's weight (a tied head and its lookup share
-    one int8 copy of the vocabulary matrix). `embed_scale`: Gemma multiplies looked-up rows."""
+class Fp16Linear(torch.nn.Module):
+    """y = x @ w.T (+ bias) with w held in fp16 (fbgemm's fp16 GEMM), float32 in and float32
+    out. For the output layer, whose logits are compared with each other: a bf16 matmul's bf16
+    output moves a logit of ~18 by up to 0.06, which turned SmolLM2's first token for "What is
+    the capital of France?" from "The" (0.152 vs "L" 0.140 in float32) into a tie it lost, and
+    the answer degenerated. fp16 keeps 3 more bits of each weight and the logits in float32:
+    max logit error 0.0011 vs bf16's 0.019 on SmolLM2's head; 1.2 vs 2.0 ms at batch 1, 5.4 vs
+    3.2 ms at batch 16 (docs/benchmarks.md, session 14)."""
 
-    def __init__(self, table: Int8Linear, embed_scale: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
-        self.weight_int8, self.scales = table.weight_int8, table.scales
+        self.out_features, self.in_features = weight.shape
+        fp16 = weight.detach().to(torch.float16).contiguous()
+        plain_bias = None if bias is None else bias.detach().float().contiguous()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(fp16, plain_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        y = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp16 weight [N, K] as float32."""
+        weight, _ = torch.ops.quantized.linear_unpack_fp16(self.packed)
+        return weight.float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp16"
+
+
+def _bf16_packing_available() -> bool:
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+class Q8Embedding(torch.nn.Module):
+    """Embedding lookup on Q8_0 rows as the GGUF file stores them (per 32 values: an fp16 scale,
+    then 32 int8): each looked-up row is the file's exact values. `rows` [vocab, row bytes] may
+    be a map of the file, so only the rows looked up become resident. `embed_scale`: Gemma
+    multiplies looked-up rows."""
+
+    BLOCK_BYTES = 34
+
+    def __init__(self, rows: torch.Tensor, embed_scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.rows = rows
+        self.num_embeddings = rows.shape[0]
+        self.embedding_dim = rows.shape[1] // self.BLOCK_BYTES * GROUP_SIZE
         self.embed_scale = None if embed_scale is None else embed_scale.float().clone()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight_int8[input_ids].float() * self.scales[input_ids].float().unsqueeze(-1)
+        blocks = self.rows[input_ids.reshape(-1)].view(-1, self.BLOCK_BYTES)
+        scales = blocks[:, :2].contiguous().view(torch.float16).float()
+        values = blocks[:, 2:].contiguous().view(torch.int8).float() * scales
+        rows = values.view(*input_ids.shape, self.embedding_dim)
         return rows if self.embed_scale is None else rows * self.embed_scale
 
+    def dequantized(self) -> torch.Tensor:
+        """The whole table [vocab, dim] as float32, without embed_scale (exactness checks)."""
+        scale, self.embed_scale = self.embed_scale, None
+        try:
+            return self.forward(torch.arange(self.num_embeddings))
+        finally:
+            self.embed_scale = scale
+
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+        return f"{self.num_embeddings}, {self.embedding_dim}, Q8_0 rows"
 
 
-def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 of a float weight [N, K]: (q int8, scales float32 [N]). The
-    scales are rounded to bf16 first (the kernel's dtype) so q is chosen for the scale used."""
-    peak = weight.abs().amax(dim=1).clamp(min=1e-12)
-    scales = (peak / 127).to(torch.bfloat16).float()
-    q = torch.round(weight / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
-    return q, scales
+class Bf16Embedding(torch.nn.Module):
+    """Embedding lookup on a bf16 table (vocabularies of other GGUF types), rows as float32."""
+
+    def __init__(self, table: torch.Tensor, embed_scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.table = table.to(torch.bfloat16).contiguous()
+        self.num_embeddings, self.embedding_dim = self.table.shape
+        self.embed_scale = None if embed_scale is None else embed_scale.float().clone()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table[input_ids].float()
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
+    def dequantized(self) -> torch.Tensor:
+        return self.table.float()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bf16"
 
 
 def has_int4_layers(model: torch.nn.Module) -> bool:

@@ -16,11 +16,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from serve_app.config import ModelConfig
 from serve_app.engine.gguf_weights import int4_groups, load_native_model, write_index
 from serve_app.engine.quantized_linear import (
+    Bf16Linear,
+    Fp16Linear,
     Int4Linear,
-    Int8Embedding,
-    Int8Linear,
+    Q8Embedding,
     can_run_int4,
-    int8_per_channel,
 )
 from serve_app.model_store import is_native_folder, wants_native_weights
 
@@ -72,18 +72,42 @@ def test_int4_linear_multiplies_like_the_dequantized_weight(qtype: T) -> None:
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
-def test_int8_per_channel_and_the_shared_embedding() -> None:
+def test_bf16_linear_multiplies_like_its_weight_rounded_to_bf16() -> None:
     torch.manual_seed(0)
-    weight = torch.randn(40, 64)
-    q, scales = int8_per_channel(weight)
-    head = Int8Linear(q, scales)
-    assert (head.dequantized() - weight).abs().max() <= scales.max() * 0.51
-    x = torch.randn(2, 64)
-    # int8 steps (scale / 2 per weight) and bf16 activations, over 64 products
-    torch.testing.assert_close(head(x), x @ weight.t(), atol=0.3, rtol=0.02)
-    lookup = Int8Embedding(head, embed_scale=torch.tensor(2.0))
-    ids = torch.tensor([[3, 39]])
-    torch.testing.assert_close(lookup(ids), 2 * head.dequantized()[ids], rtol=0.01, atol=1e-6)
+    weight, bias = torch.randn(40, 64), torch.randn(40)
+    layer = Bf16Linear(weight, bias)
+    assert torch.equal(layer.dequantized(), weight.bfloat16().float())
+    x = torch.randn(2, 3, 64)
+    got = layer(x)
+    assert got.shape == (2, 3, 40) and got.dtype == torch.float32
+    # bf16 weights and activations, float32 accumulation, over 64 products
+    torch.testing.assert_close(got, x @ weight.t() + bias, atol=0.1, rtol=0.02)
+
+
+def test_fp16_head_gives_float32_logits_of_its_fp16_weight() -> None:
+    """Logits are compared with each other: near-ties closer than bf16's step (0.06 at ~16)
+    must keep their order. The fp16 head's logits are its weight's products to float32
+    rounding; a bf16 matmul's output is rounded to bf16 (this check fails for Bf16Linear)."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(300, 576) * 0.2, torch.randn(300)
+    head = Fp16Linear(weight, bias)
+    assert torch.equal(head.dequantized(), weight.half().float())
+    x = torch.randn(2, 3, 576)
+    got = head(x)
+    assert got.shape == (2, 3, 300) and got.dtype == torch.float32
+    exact = (x.double() @ weight.half().double().t() + bias.double()).float()
+    assert float(exact.abs().max()) > 16  # logits where bf16's step is 0.125
+    assert float((got - exact).abs().max()) <= 1e-3
+
+
+def test_q8_embedding_looks_up_the_files_exact_values() -> None:
+    weight = np.random.default_rng(2).normal(0, 0.5, (50, 96)).astype(np.float32)
+    raw = quantize(weight, T.Q8_0)  # [50, 3 blocks x 34 bytes]
+    lookup = Q8Embedding(torch.from_numpy(raw), embed_scale=torch.tensor(2.0))
+    assert (lookup.num_embeddings, lookup.embedding_dim) == (50, 96)
+    ids = torch.tensor([[3, 49, 3], [0, 7, 11]])
+    expected = 2 * torch.from_numpy(dequantize(raw, T.Q8_0))[ids]
+    assert torch.equal(lookup(ids), expected)
 
 
 # ---- a tiny Llama as a GGUF file -------------------------------------------------------
@@ -161,16 +185,18 @@ def test_native_load_gives_transformers_dequantized_logits(tiny_gguf: Path, tmp_
     assert is_native_folder(folder)
     native, report = load_native_model(folder, AutoModelForCausalLM)
     assert report.forms == {
-        "Q8_0->int8 embedding": 1,
-        "Q8_0->int8 tied head": 1,
+        "Q8_0->Q8_0 rows embedding": 1,
+        "Q8_0->fp16 tied head": 1,
         "Q4_0->int4": 2 * LAYERS,
         "Q4_1->int4": 3 * LAYERS,
-        "Q8_0->int8": LAYERS,
-        "Q5_0->int8": LAYERS,
+        "Q8_0->bf16": LAYERS,
+        "Q5_0->bf16": LAYERS,
         "F32->float32": 2 * LAYERS + 1,
     }
     assert isinstance(native.model.layers[0].self_attn.q_proj, Int4Linear)
-    assert isinstance(native.lm_head, Int8Linear)
+    assert isinstance(native.lm_head, Fp16Linear)
+    assert isinstance(native.model.layers[0].mlp.gate_proj, Bf16Linear)  # Q5_0
+    assert isinstance(native.get_input_embeddings(), Q8Embedding)
     assert not any(p.device.type == "meta" for p in native.parameters())
 
     reference = AutoModelForCausalLM.from_pretrained(
@@ -263,7 +289,7 @@ def test_prepare_native_writes_no_weights_and_follows_a_moved_file(
     assert is_native_folder(folder) and folder.parent.name == "native"
     assert (folder / "config.json").exists() and not list(folder.glob("*.safetensors"))
     model, _ = load_native_model(folder, AutoModelForCausalLM)
-    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.lm_head, Fp16Linear)
 
     moved = tmp_path / "b" / "tiny.gguf"  # same bytes, same cache key, another place
     moved.parent.mkdir()
