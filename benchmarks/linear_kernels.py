@@ -1,8 +1,10 @@
 """The CPU matmul kernels native GGUF weights can use, on a model's linear shapes: torch's int4
 kernel (groups of 32), torch's int8 kernel (one scale per output channel), bf16 weights
-prepacked for oneDNN, and plain bf16 (F.linear). Random weights (speed does not depend on the
-values); bf16 activations, as the layers run them. Interleaved: each round times every kernel
-once per shape and batch, the figure is the median over rounds. Prints ms per call; writes JSON.
+prepacked for oneDNN, plain bf16 (F.linear), and fp16 weights prepacked for fbgemm (float32
+activations in and out: the output layer's form). Random weights (speed does not depend on the
+values); bf16 activations for the others, as the layers run them. Interleaved: each round times
+every kernel once per shape and batch, the figure is the median over rounds. Prints ms per call;
+writes JSON.
 
     flock /tmp/serve-app-bench.lock .venv/bin/python benchmarks/linear_kernels.py --rounds 3
 """
@@ -41,6 +43,7 @@ def kernels(rows: int, cols: int, batch: int) -> dict[str, Callable[[], object]]
     int8_scales = torch.rand(rows).bfloat16()
     plain = torch.randn(rows, cols).bfloat16()
     packed = torch.ops.mkldnn._reorder_linear_weight(plain)
+    x_float, fp16 = x.float(), torch.ops.quantized.linear_prepack_fp16(plain.half(), None)
     return {
         "int4 g32": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, int4, 32, scales_and_zeros
@@ -48,6 +51,7 @@ def kernels(rows: int, cols: int, batch: int) -> dict[str, Callable[[], object]]
         "int8 per-channel": lambda: torch.ops.aten._weight_int8pack_mm(x, int8, int8_scales),
         "bf16 packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
         "bf16 plain": lambda: torch.nn.functional.linear(x, plain),
+        "fp16 fbgemm": lambda: torch.ops.quantized.linear_dynamic_fp16(x_float, fp16),
     }
 
 

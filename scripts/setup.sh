@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements-models
   touch "$stamp"
 fi
 
-echo "== preparing models (GGUF -> safetensors once, cached by sha256)"
+echo "== preparing models (config, tokenizer and tensor index per GGUF; float32 ones converted once; cached by sha256)"
 "$VENV/bin/serve-app" pull --config "${SERVE_APP_CONFIG:-config/serve.yaml}"
 
 if [ "$WITH_TEST" = 1 ]; then

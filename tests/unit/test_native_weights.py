@@ -133,7 +133,8 @@ SHAPES = {
 }
 
 
-def write_tiny_gguf(path: Path) -> None:
+def write_tiny_gguf(path: Path, head: T | None = None) -> None:
+    """`head`: the type of an untied output layer (none: the head is tied to token_embd)."""
     rng = np.random.default_rng(0)
     writer = GGUFWriter(str(path), arch="llama")
     writer.add_context_length(256)
@@ -154,6 +155,8 @@ def write_tiny_gguf(path: Path) -> None:
 
     add("token_embd.weight", rng.normal(0, 0.5, (VOCAB, HIDDEN)).astype(np.float32), T.Q8_0)
     add("output_norm.weight", rng.uniform(0.5, 1.5, HIDDEN).astype(np.float32), T.F32)
+    if head is not None:
+        add("output.weight", rng.normal(0, 0.5, (VOCAB, HIDDEN)).astype(np.float32), head)
     for layer in range(LAYERS):
         for name, qtype in LINEAR_TYPES.items():
             weight = rng.normal(0, 0.2, SHAPES[name]).astype(np.float32)
@@ -178,6 +181,24 @@ def native_folder(gguf_path: Path, folder: Path) -> Path:
     AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(folder)
     write_index(gguf_path, folder)
     return folder
+
+
+def test_an_untied_head_is_fp16_too(tmp_path: Path) -> None:
+    gguf_path = tmp_path / "untied.gguf"
+    write_tiny_gguf(gguf_path, head=T.Q4_0)
+    native, report = load_native_model(
+        native_folder(gguf_path, tmp_path / "native"), AutoModelForCausalLM
+    )
+    assert report.forms["Q4_0->fp16 head"] == 1 and "Q8_0->fp16 tied head" not in report.forms
+    assert isinstance(native.lm_head, Fp16Linear)
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
+    assert not reference.config.tie_word_embeddings
+    expected = reference.lm_head.weight.detach()
+    # fp16 rounding to nearest: at most half a step, 2^-11 of the largest value
+    error = float((native.lm_head.dequantized() - expected).abs().max())
+    assert 0 < error <= float(expected.abs().max()) * 2**-11
 
 
 def test_native_load_gives_transformers_dequantized_logits(tiny_gguf: Path, tmp_path: Path) -> None:
