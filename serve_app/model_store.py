@@ -187,16 +187,42 @@ def _prepare_folder(weights: LocalWeights, target: Path, kind: str, native: bool
     assert gguf_file is not None
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-        if native:
-            _write_native(weights.directory / gguf_file, staging)
-        else:
-            _convert_gguf(weights, staging, kind)
+        with _one_gguf_parse():
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+            if native:
+                _write_native(weights.directory / gguf_file, staging)
+            else:
+                _convert_gguf(weights, staging, kind)
         tokenizer.save_pretrained(staging)
         (staging / _COMPLETE_MARKER).write_text(json.dumps({"gguf_file": gguf_file}))
         _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """One gguf.GGUFReader per file while a folder is prepared. transformers parses the whole
+    file (every vocabulary string, one numpy read each) for the tokenizer and again for the
+    config, and write_index a third time: 3 parses of ~13 s each for Gemma-3's 262k-token
+    vocabulary on this VM (cProfile; docs/benchmarks.md, session 14). transformers imports
+    GGUFReader from the package at each call, so the package's name is what is replaced."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared_reader(path: Any, mode: Any = "r") -> Any:
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original  # type: ignore[misc]
 
 
 def _write_native(gguf_path: Path, staging: Path) -> None:

@@ -5,6 +5,7 @@ Q5_0, Q8_0 tensors) loaded natively gives the logits of transformers' dequantize
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -319,3 +320,42 @@ def test_prepare_native_writes_no_weights_and_follows_a_moved_file(
     assert prepare_weights(config, tmp_path / "cache") == folder
     assert json.loads((folder / "gguf_tensors.json").read_text())["gguf_path"] == str(moved)
     load_native_model(folder, AutoModelForCausalLM)  # reads the moved file
+
+
+def test_preparation_parses_the_gguf_file_once(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tokenizer, the config and the tensor index each read the file; the parse (every
+    vocabulary string, ~13 s for Gemma-3's) is done once and shared. (The tiny file has no
+    tokenizer: a stand-in; the config and the index would parse it twice.)"""
+    from types import SimpleNamespace
+
+    import gguf
+    import transformers
+
+    from serve_app.model_store import prepare_weights
+
+    fake_tokenizer = SimpleNamespace(
+        save_pretrained=lambda d: (Path(d) / "tokenizer.json").write_text("{}")
+    )
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *_, **__: fake_tokenizer
+    )
+    parsed: list[str] = []
+    original = gguf.GGUFReader
+
+    class CountingReader(original):  # type: ignore[misc,valid-type]
+        def __init__(self, path: Any, mode: Any = "r") -> None:
+            parsed.append(str(path))
+            super().__init__(path, mode)
+
+    gguf.GGUFReader = CountingReader  # type: ignore[misc]
+    try:
+        config = ModelConfig(
+            id="t", kind="chat", source=str(tiny_gguf), engine={"weights": "native"}
+        )
+        folder = prepare_weights(config, tmp_path / "cache")
+    finally:
+        gguf.GGUFReader = original  # type: ignore[misc]
+    assert is_native_folder(folder) and (folder / "config.json").exists()
+    assert parsed == [str(tiny_gguf)]
