@@ -77,9 +77,26 @@ def teacher_forced(reference: Any, native: Any, ids: list[int]) -> dict[str, flo
     }
 
 
+QUESTION = "What is the capital of France?"
+
+
+def paris_prompt_ids(tokenizer: Any) -> torch.Tensor:
+    """The question as the service sends it: through the chat template where the model has one
+    (session 14: a bf16 head broke SmolLM2's chat answer while its raw-text answer held), as
+    "Q: ...\nA:" text for a base model (Gemma-3-270m continues "The capital of France is"
+    without naming Paris, in float32 too)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": QUESTION}]
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return torch.tensor([list(encoded["input_ids"])])
+    return tokenizer(f"Q: {QUESTION}\nA:", return_tensors="pt").input_ids
+
+
 @torch.no_grad()
-def greedy(model: Any, tokenizer: Any, prompt: str, num_tokens: int = 8) -> str:
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+def greedy(model: Any, tokenizer: Any, num_tokens: int = 8) -> str:
+    ids = paris_prompt_ids(tokenizer)
     for _ in range(num_tokens):
         next_id = model(input_ids=ids).logits[0, -1].argmax().view(1, 1)
         ids = torch.cat([ids, next_id], dim=1)
@@ -192,12 +209,9 @@ def main() -> None:
     results["native_load_s"] = native_load_s
     results["weights"] = weight_differences(native, directory)
     results["quality"] = teacher_forced(reference, native, ids)
-    # A question: Gemma-3-270m (a base model) continues "The capital of France is" without
-    # naming Paris, in float32 too.
-    prompt = "Q: What is the capital of France?\nA:"
     results["paris"] = {
-        "native": greedy(native, tokenizer, prompt),
-        "float32": greedy(reference, tokenizer, prompt),
+        "native": greedy(native, tokenizer),
+        "float32": greedy(reference, tokenizer),
     }
     quality = results["quality"]
     results["passes"] = bool(

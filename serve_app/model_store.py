@@ -22,6 +22,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,23 +207,28 @@ def _one_gguf_parse() -> Iterator[None]:
     file (every vocabulary string, one numpy read each) for the tokenizer and again for the
     config, and write_index a third time: 3 parses of ~13 s each for Gemma-3's 262k-token
     vocabulary on this VM (cProfile; docs/benchmarks.md, session 14). transformers imports
-    GGUFReader from the package at each call, so the package's name is what is replaced."""
+    GGUFReader from the package at each call, so the package's name is what is replaced; the
+    lock keeps two preparations in one process from restoring each other's replacement."""
     import gguf
 
-    original = gguf.GGUFReader
-    readers: dict[tuple[str, str], Any] = {}
+    with _GGUF_PARSE_LOCK:
+        original = gguf.GGUFReader
+        readers: dict[tuple[str, str], Any] = {}
 
-    def shared_reader(path: Any, mode: Any = "r") -> Any:
-        key = (str(path), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
+        def shared_reader(path: Any, mode: Any = "r") -> Any:
+            key = (str(path), mode)
+            if key not in readers:
+                readers[key] = original(path, mode)
+            return readers[key]
 
-    gguf.GGUFReader = shared_reader  # type: ignore[assignment,misc]
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original  # type: ignore[misc]
+        gguf.GGUFReader = shared_reader  # type: ignore[assignment,misc]
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original  # type: ignore[misc]
+
+
+_GGUF_PARSE_LOCK = threading.Lock()
 
 
 def _write_native(gguf_path: Path, staging: Path) -> None:
