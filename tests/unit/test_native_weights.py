@@ -359,3 +359,40 @@ def test_preparation_parses_the_gguf_file_once(
         gguf.GGUFReader = original  # type: ignore[misc]
     assert is_native_folder(folder) and (folder / "config.json").exists()
     assert parsed == [str(tiny_gguf)]
+
+
+def test_the_shared_reader_reads_what_gguf_reads(tmp_path: Path) -> None:
+    """The preparation's faster reader (plain-array slices) gives every field and tensor of the
+    file as gguf's own reader does: strings, arrays of strings and numbers, tensor data."""
+    import gguf
+
+    from serve_app.model_store import _one_gguf_parse
+
+    path = tmp_path / "vocab.gguf"
+    writer = GGUFWriter(str(path), arch="llama")
+    writer.add_token_list(["<s>", "héllo", "", "▁wörld"] * 50)
+    writer.add_token_scores([0.5, -1.25, 3.0, 0.0] * 50)
+    writer.add_token_types([1, 3, 1, 6] * 50)
+    writer.add_tensor("t", np.arange(96, dtype=np.float32).reshape(3, 32))
+    writer.add_tensor("q", quantize(np.ones((2, 64), np.float32), T.Q8_0), raw_dtype=T.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    expected = gguf.GGUFReader(path)
+    with _one_gguf_parse():
+        shared = gguf.GGUFReader(path)
+    assert type(shared) is not gguf.GGUFReader
+    assert list(shared.fields) == list(expected.fields)
+    for name, field in expected.fields.items():
+        got = shared.fields[name]
+        assert (got.offset, got.data, got.types) == (field.offset, field.data, field.types), name
+        assert len(got.parts) == len(field.parts), name
+        for mine, theirs in zip(got.parts, field.parts, strict=True):
+            assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs), name
+    assert shared.fields["tokenizer.ggml.tokens"].contents()[1] == "héllo"
+    assert [t.name for t in shared.tensors] == [t.name for t in expected.tensors]
+    for mine, theirs in zip(shared.tensors, expected.tensors, strict=True):
+        assert mine.data.dtype == theirs.data.dtype and np.array_equal(mine.data, theirs.data)
+        assert (mine.data_offset, mine.n_elements) == (theirs.data_offset, theirs.n_elements)
