@@ -4,6 +4,7 @@ without one decode as if alone, bad grammars and slow compiles are refused."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import re
 import time
@@ -132,3 +133,34 @@ async def test_a_built_engine_prepares_the_grammar_tokenizer_before_any_request(
             break
         await asyncio.sleep(0.05)
     assert engine.grammars.is_warm
+
+
+def test_the_tokenizer_view_is_what_llguidance_builds_itself(
+    engine: LLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built from the tokenizer's JSON without llguidance's copy: the same tokens, the same
+    EOS; a tokenizer that pads (the copy is there to turn that off) still goes the library's
+    way."""
+    import llguidance.hf
+
+    from serve_app.engine.grammar import _llg_tokenizer_of
+
+    tokenizer, vocab_size = engine.tokenizer, engine.vocab_size
+    ours = _llg_tokenizer_of(tokenizer, vocab_size, None)
+    theirs = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+    text = 'Hello wörld {"a": [1, 2]} \U0001f600 end'
+    assert ours.tokenize_str(text) == theirs.tokenize_str(text)
+    assert (ours.eos_token, ours.vocab_size) == (theirs.eos_token, theirs.vocab_size)
+
+    padded = copy.deepcopy(tokenizer)
+    padded.backend_tokenizer.enable_padding(length=8)
+    seen: list[object] = []
+    original = llguidance.hf.from_tokenizer
+
+    def spy(tok: object, **kwargs: object) -> object:
+        seen.append(tok)
+        return original(tok, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(llguidance.hf, "from_tokenizer", spy)
+    view = _llg_tokenizer_of(padded, vocab_size, [tokenizer.eos_token_id])
+    assert seen == [padded] and view.tokenize_str(text) == theirs.tokenize_str(text)
