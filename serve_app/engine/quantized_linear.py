@@ -4,15 +4,28 @@ GGUF weights keep their own quantized form (gguf_weights.py repacks them): Q4_0/
 blocks become int4 groups of 32 for `_weight_int4pack_mm_for_cpu`; other types (Q8_0, Q5_x,
 Q6_K) bf16 weights prepacked for oneDNN. Both take bf16 activations (the int4 kernel's fast
 path; float32 activations measured 7-30x slower); the residual stream stays float32: each layer
-casts its input to bf16 and its output back. The output layer is fp16 with float32 logits
-(Fp16Linear); a Q8_0 vocabulary is looked up in the file's own rows (Q8Embedding).
+casts its input to bf16 and its output back. Big prefill forwards (DEQUANTIZED_MIN_ROWS tokens
+or more) multiply int4 layers by their weights unpacked to float32 instead (the same values).
+The output layer is fp16 with float32 logits (Fp16Linear); a Q8_0 vocabulary is looked up in
+the file's own rows (Q8Embedding).
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 GROUP_SIZE = 32
+# The CPU int4 packing interleaves blocks of 64 output rows: layers whose row counts are all
+# multiples of it can be packed apart and concatenated (checked against packing them together).
+_PACK_BLOCK_ROWS = 64
+# From this many rows (tokens) on, an Int4Linear multiplies by its weight dequantized to float32
+# (float32 sgemm) instead of the int4 kernel. On CPUs without bf16 instructions (this AVX2 VM)
+# the int4 kernel does ~75 GFLOP/s at any batch, float32 sgemm ~150 once rows are many, and
+# dequantizing all of SmolLM2's 4-bit weights costs ~110 ms a forward: the crossover is ~160
+# rows; a 512-token prefill forward is 1.5-1.8x faster (benchmarks/prefill_kernels.py).
+DEQUANTIZED_MIN_ROWS = 192
 
 
 class Int4Linear(torch.nn.Module):
@@ -40,13 +53,34 @@ class Int4Linear(torch.nn.Module):
         self.bias = None if bias is None else bias.detach().float().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            rows, self.packed_weight, GROUP_SIZE, self.scales_and_zeros
-        ).to(x.dtype)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] >= DEQUANTIZED_MIN_ROWS and self.out_features % _PACK_BLOCK_ROWS == 0:
+            y = torch.mm(rows.float(), self._float32_weight_t()).to(x.dtype)  # prefill
+        else:
+            y = _int4_matmul(
+                rows.to(torch.bfloat16), self.packed_weight, GROUP_SIZE, self.scales_and_zeros
+            ).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _float32_weight_t(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, transposed [K, N] float32, unpacked from the
+        kernel's layout into this thread's workspace (valid until the next call). The CPU
+        packing stores each block of 64 output rows as [2 halves, K, 16 bytes]: byte j of a
+        half holds row half*32 + j in its low nibble and row half*32 + 16 + j in its high."""
+        n, k = self.out_features, self.in_features
+        packed = self.packed_weight.view(n // _PACK_BLOCK_ROWS, 2, k, 16).permute(2, 0, 1, 3)
+        weight_t = _float32_workspace(k * n)
+        nibbles = weight_t.view(k, n // _PACK_BLOCK_ROWS, 2, 32)
+        nibbles[..., :16].copy_(packed & 15)
+        nibbles[..., 16:].copy_(packed >> 4)
+        scales_and_zeros = self.scales_and_zeros.float()  # [K / 32, N, 2]
+        scale = scales_and_zeros[..., 0].unsqueeze(1)
+        offset = (scales_and_zeros[..., 1] - 8 * scales_and_zeros[..., 0]).unsqueeze(1)
+        groups = weight_t.view(k // GROUP_SIZE, GROUP_SIZE, n)
+        torch.addcmul(offset, groups, scale, out=groups)  # (q - 8) * scale + zero
+        return weight_t.view(k, n)
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel multiplies by, [N, K] float32 (for exactness checks)."""
@@ -128,6 +162,24 @@ class Fp16Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16"
 
 
+def _int4_matmul(
+    rows: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor
+) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales_and_zeros)
+
+
+_workspace = threading.local()
+
+
+def _float32_workspace(numel: int) -> torch.Tensor:
+    """A float32 buffer of this thread's, reused across layers and forwards: a fresh one per
+    layer doubled the dequantizing time (page faults)."""
+    buffer = getattr(_workspace, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _workspace.buffer = torch.empty(numel)
+    return buffer[:numel]
+
+
 def _bf16_packing_available() -> bool:
     return bool(
         torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -196,11 +248,6 @@ def has_int4_layers(model: torch.nn.Module) -> bool:
 def can_run_int4() -> bool:
     """Whether this torch has the CPU int4 kernels (2.5+ names them *_for_cpu)."""
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-
-
-# The CPU int4 packing interleaves blocks of 64 output rows: layers whose row counts are all
-# multiples of it can be packed apart and concatenated (checked against packing them together).
-_PACK_BLOCK_ROWS = 64
 
 
 def fuse_int4(linears: list[Int4Linear]) -> Int4Linear | None:

@@ -15,8 +15,10 @@ from gguf import GGUFWriter, dequantize, quantize
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from serve_app.config import ModelConfig
+from serve_app.engine import quantized_linear
 from serve_app.engine.gguf_weights import int4_groups, load_native_model, write_index
 from serve_app.engine.quantized_linear import (
+    DEQUANTIZED_MIN_ROWS,
     Bf16Linear,
     Fp16Linear,
     Int4Linear,
@@ -71,6 +73,59 @@ def test_int4_linear_multiplies_like_the_dequantized_weight(qtype: T) -> None:
     got = layer(x)
     assert got.shape == (3, 5, reference.shape[0]) and got.dtype == torch.float32
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def _int4_layer(rows: int, cols: int, seed: int = 0) -> Int4Linear:
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, cols), generator=generator)
+    scales = torch.rand(rows, cols // 32, generator=generator) * 0.02 + 0.001
+    zeros = torch.randn(rows, cols // 32, generator=generator) * 0.05
+    return Int4Linear(q, scales, zeros, bias=torch.randn(rows, generator=generator))
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (192, 96), (1536, 576)])
+def test_unpacked_float32_weight_is_the_kernels_own(shape: tuple[int, int]) -> None:
+    """The prefill path reads the kernel's packed layout back: every value must be the one the
+    kernel multiplies by (a wrong nibble order or row interleave would move whole rows)."""
+    layer = _int4_layer(*shape)
+    assert torch.equal(layer._float32_weight_t().t(), layer.dequantized())
+
+
+def test_many_rows_multiply_through_the_float32_weight_few_through_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = _int4_layer(128, 64)
+    weight = layer.dequantized()
+    calls: list[int] = []
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def counting_kernel(*args: Any) -> torch.Tensor:
+        calls.append(int(args[0].shape[0]))
+        return kernel(*args)
+
+    monkeypatch.setattr(quantized_linear, "_int4_matmul", counting_kernel)
+    many = torch.randn(2, DEQUANTIZED_MIN_ROWS, 64, dtype=torch.float64).float()
+    got = layer(many)
+    assert calls == []  # float32 activations: the exact products, no bf16 rounding
+    torch.testing.assert_close(got, many @ weight.t() + layer.bias, atol=1e-5, rtol=1e-5)
+    few = torch.randn(3, 64)
+    expected_bf16 = few.bfloat16().float() @ weight.t() + layer.bias
+    torch.testing.assert_close(layer(few), expected_bf16, atol=0.02, rtol=0.02)
+    assert calls == [3]
+
+
+def test_rows_not_in_whole_packing_blocks_stay_on_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = _int4_layer(96, 64)  # the last 32 rows are a partial block of the packing
+    calls: list[int] = []
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(quantized_linear, "_int4_matmul", lambda *a: calls.append(1) or kernel(*a))
+    x = torch.randn(DEQUANTIZED_MIN_ROWS, 64)
+    torch.testing.assert_close(
+        layer(x), x.bfloat16().float() @ layer.dequantized().t() + layer.bias, atol=0.02, rtol=0.02
+    )
+    assert calls == [1]
 
 
 def test_bf16_linear_multiplies_like_its_weight_rounded_to_bf16() -> None:
