@@ -1,7 +1,10 @@
 """The CPU matmul kernels native GGUF weights can use, on a model's linear shapes: torch's int4
 kernel (groups of 32), torch's int8 kernel (one scale per output channel), bf16 weights
-prepacked for oneDNN, plain bf16 (F.linear), and fp16 weights prepacked for fbgemm (float32
-activations in and out: the output layer's form). Random weights (speed does not depend on the
+prepacked for oneDNN, plain bf16 (F.linear), fp16 weights prepacked for fbgemm (float32
+activations in and out: the output layer's form), float32 (F.linear: what big prefill forwards
+run on int4 weights unpacked to float32) and fbgemm's dynamic int8 (per-channel int8 weights,
+activations quantized per tensor at each call: fast, but see docs/benchmarks.md, session 16,
+for what it does to the model). Random weights (speed does not depend on the
 values); bf16 activations for the others, as the layers run them. Interleaved: each round times
 every kernel once per shape and batch, the figure is the median over rounds. Prints ms per call;
 writes JSON.
@@ -44,6 +47,17 @@ def kernels(rows: int, cols: int, batch: int) -> dict[str, Callable[[], object]]
     plain = torch.randn(rows, cols).bfloat16()
     packed = torch.ops.mkldnn._reorder_linear_weight(plain)
     x_float, fp16 = x.float(), torch.ops.quantized.linear_prepack_fp16(plain.half(), None)
+    plain_float = plain.float()
+    int8_dynamic = torch.ops.quantized.linear_prepack(
+        torch.quantize_per_channel(
+            plain_float,
+            torch.rand(rows).double() * 0.01 + 1e-3,
+            torch.zeros(rows).long(),
+            0,
+            torch.qint8,
+        ),
+        None,
+    )
     return {
         "int4 g32": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, int4, 32, scales_and_zeros
@@ -52,6 +66,10 @@ def kernels(rows: int, cols: int, batch: int) -> dict[str, Callable[[], object]]
         "bf16 packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
         "bf16 plain": lambda: torch.nn.functional.linear(x, plain),
         "fp16 fbgemm": lambda: torch.ops.quantized.linear_dynamic_fp16(x_float, fp16),
+        "float32": lambda: torch.nn.functional.linear(x_float, plain_float),
+        "int8 dynamic fbgemm": lambda: torch.ops.quantized.linear_dynamic(
+            x_float, int8_dynamic, True
+        ),
     }
 
 
@@ -60,12 +78,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--shapes", nargs="+", default=None, help="rowsxcols to time (default: all of SHAPES)"
+    )
     parser.add_argument("--out", default="results/linear_kernels.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     times: dict[str, list[float]] = {}
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     for _ in range(args.rounds):
-        for rows, cols in SHAPES:
+        for rows, cols in shapes:
             for batch in args.batches:
                 calls = 10 if rows > 100_000 else 100
                 for name, call in kernels(rows, cols, batch).items():

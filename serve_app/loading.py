@@ -14,6 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from serve_app.config import EngineOptions, ModelConfig
 from serve_app.engine.embedding import EmbeddingEngine
 from serve_app.engine.gguf_weights import load_native_model
+from serve_app.engine.inference_thread import InferenceThread
 from serve_app.engine.llm_engine import LLMEngine
 from serve_app.engine.packed_linear import can_pack, pack_linear_layers
 from serve_app.model_store import is_native_folder, prepare_weights
@@ -103,25 +104,33 @@ def build_llm_engine(
     has_gpu: bool = True,
     on_tokenizer: TokenizerHook | None = None,
 ) -> LLMEngine:
+    """Loads the model and builds the engine on the thread that will run its steps (the one
+    OpenMP team of the process: serve_app/engine/inference_thread.py), then starts it."""
     options = model_config.engine
+    thread = InferenceThread()
 
-    def load() -> tuple[Any, Any]:
+    def build() -> LLMEngine:
         model, tokenizer, device = load_model(
             model_config, cache_dir, AutoModelForCausalLM, has_gpu, on_tokenizer
         )
-        return quantize(model, options, device), tokenizer
+        model = quantize(model, options, device)
+        return LLMEngine(
+            model,
+            tokenizer,
+            max_num_seqs=options.max_num_seqs,
+            max_model_len=context_length(model.config, options),
+            eos_token_ids=eos_token_ids(model, tokenizer),
+            max_prefill_tokens=options.max_prefill_tokens,
+            stream_interval=options.stream_interval,
+            prefix_cache_tokens=options.prefix_cache_tokens,
+            thread=thread,
+        )
 
-    model, tokenizer = in_own_thread(load)
-    engine = LLMEngine(
-        model,
-        tokenizer,
-        max_num_seqs=options.max_num_seqs,
-        max_model_len=context_length(model.config, options),
-        eos_token_ids=eos_token_ids(model, tokenizer),
-        max_prefill_tokens=options.max_prefill_tokens,
-        stream_interval=options.stream_interval,
-        prefix_cache_tokens=options.prefix_cache_tokens,
-    )
+    try:
+        engine = thread.call(build)
+    except BaseException:
+        thread.stop()
+        raise
     engine.start()
     engine.grammars.start_warming()
     return engine

@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from serve_app.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from serve_app.engine.grammar import CompiledGrammar, GrammarCompiler, GrammarError
+from serve_app.engine.inference_thread import InferenceThread
 from serve_app.engine.model_runner import ModelRunner, release_free_memory
 from serve_app.engine.output_processor import OutputProcessor
 from serve_app.engine.output_streams import read_choices, read_outputs
@@ -60,7 +61,10 @@ class LLMEngine:
         max_prefill_tokens: int = 256,
         stream_interval: int = 1,
         prefix_cache_tokens: int = 0,
+        thread: InferenceThread | None = None,
     ) -> None:
+        """`thread`: the one that loaded the model (inference_thread.py says why the step loop
+        should run there); a new one when not given."""
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.runner = ModelRunner(model, prefix_cache_tokens=prefix_cache_tokens)
@@ -75,7 +79,8 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer, self.runner.vocab_size, eos_token_ids)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._num_steps = 0
-        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._thread = thread or InferenceThread()
+        self._loop: Future[None] | None = None  # the step loop, once started
         self._is_stopping = False
         self.last_step_at = time.monotonic()
         # Called on the inference thread after every iteration (and once after the loop ends):
@@ -85,12 +90,15 @@ class LLMEngine:
     # ---- public API (any thread) -------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop = self._thread.submit(self._run)
+        self._thread.stop()  # the loop is its last job
 
     def shutdown(self) -> None:
         self._is_stopping = True
         self._inbox.put(("stop", None))
-        self._thread.join(timeout=10)
+        if self._loop is None:
+            self._thread.stop()  # never started: nothing else will end it
+        self._thread.thread.join(timeout=10)
 
     @property
     def vocab_size(self) -> int:
@@ -99,7 +107,7 @@ class LLMEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._loop is not None and not self._loop.done()
 
     def is_stuck(self, max_step_seconds: float) -> bool:
         """True when work is pending and the loop has not come round for that long (a hung step)."""

@@ -317,30 +317,43 @@ def test_eos_ends_a_stream_unless_ignore_eos(
     assert (last.finish_reason, last.num_generated_tokens) == expected
 
 
-def test_weights_load_in_a_thread_that_has_exited(
+async def test_weights_load_on_the_thread_that_runs_the_steps(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Only the inference thread keeps an OpenMP team (serve_app/loading.py, in_own_thread)."""
+    """One thread does all torch work, so the process has one OpenMP team
+    (serve_app/engine/inference_thread.py): the loading thread is the decoding thread, and
+    neither is the caller's."""
     import threading
 
     from serve_app import loading
+    from serve_app.engine.model_runner import ModelRunner
     from tests.unit.conftest import tiny_model_config
 
     loading_threads: list[threading.Thread] = []
-    real_load_model = loading.load_model
+    decoding_threads: set[threading.Thread] = set()
+    real_load_model, real_decode = loading.load_model, ModelRunner.decode
 
-    def spy(*args: object) -> object:
+    def spy_load(*args: object) -> object:
         loading_threads.append(threading.current_thread())
         return real_load_model(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(loading, "load_model", spy)
+    def spy_decode(self: ModelRunner, rows: Any) -> Any:
+        decoding_threads.add(threading.current_thread())
+        return real_decode(self, rows)
+
+    monkeypatch.setattr(loading, "load_model", spy_load)
+    monkeypatch.setattr(ModelRunner, "decode", spy_decode)
     built = loading.build_llm_engine(tiny_model_config(tiny_model_dir), tmp_path)
     try:
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        async for _ in built.generate("same-thread", [1, 2, 3], params):
+            pass
         [thread] = loading_threads
-        assert thread is not threading.current_thread() and not thread.is_alive()
-        assert thread is not built._thread
+        assert thread is not threading.current_thread()
+        assert decoding_threads == {thread}
     finally:
         built.shutdown()
+    assert not built.is_alive and not thread.is_alive()
 
 
 async def test_stream_interval_sends_fewer_chunks_with_the_same_text(
