@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from serve_app.engine.quantized_linear import _bf16_packing_available
+
 # Gemma-3-270m: q, gate/up, down, the tied vocabulary head; SmolLM2-135M: gate/up, head.
 SHAPES = [(1024, 640), (2048, 640), (640, 2048), (262144, 640), (1536, 576), (49152, 576)]
 
@@ -45,7 +47,8 @@ def kernels(rows: int, cols: int, batch: int) -> dict[str, Callable[[], object]]
     int8 = torch.randint(-127, 127, (rows, cols), dtype=torch.int8)
     int8_scales = torch.rand(rows).bfloat16()
     plain = torch.randn(rows, cols).bfloat16()
-    packed = torch.ops.mkldnn._reorder_linear_weight(plain)
+    # oneDNN packs bf16 only where the CPU has bf16 instructions (not on AVX2 alone)
+    packed = torch.ops.mkldnn._reorder_linear_weight(plain) if _bf16_packing_available() else None
     x_float, fp16 = x.float(), torch.ops.quantized.linear_prepack_fp16(plain.half(), None)
     plain_float = plain.float()
     int8_dynamic = torch.ops.quantized.linear_prepack(
@@ -58,12 +61,11 @@ def kernels(rows: int, cols: int, batch: int) -> dict[str, Callable[[], object]]
         ),
         None,
     )
-    return {
+    found: dict[str, Callable[[], object]] = {
         "int4 g32": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, int4, 32, scales_and_zeros
         ),
         "int8 per-channel": lambda: torch.ops.aten._weight_int8pack_mm(x, int8, int8_scales),
-        "bf16 packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
         "bf16 plain": lambda: torch.nn.functional.linear(x, plain),
         "fp16 fbgemm": lambda: torch.ops.quantized.linear_dynamic_fp16(x_float, fp16),
         "float32": lambda: torch.nn.functional.linear(x_float, plain_float),
@@ -71,6 +73,11 @@ def kernels(rows: int, cols: int, batch: int) -> dict[str, Callable[[], object]]
             x_float, int8_dynamic, True
         ),
     }
+    if packed is not None:
+        found["bf16 packed"] = lambda: torch.ops.mkldnn._linear_pointwise(
+            x, packed, None, "none", [], ""
+        )
+    return found
 
 
 def main() -> None:
