@@ -86,13 +86,10 @@ def load_model(
 
 
 def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Runs fn in a thread that exits when it returns.
-
-    OpenMP (libgomp) keeps a team of worker threads for every thread that ran parallel torch
-    code, for as long as that thread lives. With a loading thread's team alive beside the
-    inference thread's, libgomp counts more threads than cores and stops spin-waiting between
-    parallel regions, so each of the ~500 regions of a decode step waits for a sleeping worker
-    to wake: measured 110-114 ms vs 81-83 ms per SmolLM2 step at batch 16 in the inference thread.
+    """Runs fn in a thread that exits when it returns (the embedding engine's load: its forward
+    passes run in Serve's worker threads). An LLM engine loads on its inference thread instead
+    (serve_app/engine/inference_thread.py): with torch 2.13 a team left by an exited loading
+    thread still slowed the inference thread's steps 1.6-2x.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
         return pool.submit(fn, *args).result()

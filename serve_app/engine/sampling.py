@@ -38,7 +38,7 @@ class SamplerState:
                 self.generator.seed()
         # Allocated on the first token, in the inference thread: requests are created on the
         # event loop, and a parallel torch op there would start a second OpenMP team
-        # (serve_app/loading.py, in_own_thread, says what that costs).
+        # (serve_app/engine/inference_thread.py says what that costs).
         self.token_counts: torch.Tensor | None = None
         self.vocab_size, self.device = vocab_size, device
 
