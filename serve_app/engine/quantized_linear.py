@@ -24,7 +24,7 @@ _PACK_BLOCK_ROWS = 64
 # (float32 sgemm) instead of the int4 kernel. On CPUs without bf16 instructions (this AVX2 VM)
 # the int4 kernel does ~75 GFLOP/s at any batch, float32 sgemm ~150 once rows are many, and
 # dequantizing all of SmolLM2's 4-bit weights costs ~110 ms a forward: the crossover is ~160
-# rows; a 512-token prefill forward is 1.5-1.8x faster (benchmarks/prefill_kernels.py).
+# rows; prefill forwards of 192-512 tokens are 1.4-1.6x faster (benchmarks/prefill_kernels.py).
 DEQUANTIZED_MIN_ROWS = 192
 
 
