@@ -17,18 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from quant_quality import INT4_PATHS, load
+from quant_quality import INT4_PATHS, int4_path, load
 
 from serve_app.engine import quantized_linear
 
 
 @torch.no_grad()
-def forward_ms(model: Any, ids: torch.Tensor, min_rows: int) -> float:
-    quantized_linear.DEQUANTIZED_MIN_ROWS = min_rows
-    model(input_ids=ids, logits_to_keep=1)  # warm-up: first-touch of buffers, oneDNN state
-    started = time.perf_counter()
-    model(input_ids=ids, logits_to_keep=1)
-    return (time.perf_counter() - started) * 1e3
+def forward_ms(model: Any, ids: torch.Tensor, path: str) -> float:
+    with int4_path(path):
+        model(input_ids=ids, logits_to_keep=1)  # warm-up: first-touch of buffers, oneDNN state
+        started = time.perf_counter()
+        model(input_ids=ids, logits_to_keep=1)
+        return (time.perf_counter() - started) * 1e3
 
 
 def main() -> None:
@@ -41,7 +41,6 @@ def main() -> None:
     parser.add_argument("--out", default="results/prefill_kernels.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shipped = quantized_linear.DEQUANTIZED_MIN_ROWS
     model, _ = load(args.config, args.model, "native")
     ids = torch.randint(
         100, 10_000, (1, max(args.tokens)), generator=torch.Generator().manual_seed(0)
@@ -49,11 +48,8 @@ def main() -> None:
     times: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for num in args.tokens:
-            for name, min_rows in INT4_PATHS.items():
-                times.setdefault(f"{num} {name}", []).append(
-                    forward_ms(model, ids[:, :num], min_rows)
-                )
-    quantized_linear.DEQUANTIZED_MIN_ROWS = shipped
+            for name in INT4_PATHS:
+                times.setdefault(f"{num} {name}", []).append(forward_ms(model, ids[:, :num], name))
     rows = []
     print(f"{'tokens':>6} {'int4 ms':>9} {'float32 ms':>10} {'int4/float32':>12}")
     for num in args.tokens:
@@ -62,7 +58,7 @@ def main() -> None:
             {"tokens": num, "int4_ms": int4, "float32_ms": unpacked, "ratio": int4 / unpacked}
         )
         print(f"{num:>6} {int4:>9.1f} {unpacked:>10.1f} {int4 / unpacked:>12.2f}")
-    print(f"shipped DEQUANTIZED_MIN_ROWS: {shipped}")
+    print(f"shipped DEQUANTIZED_MIN_ROWS: {quantized_linear.DEQUANTIZED_MIN_ROWS}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -16,11 +16,13 @@ process. Prints the figures; writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,18 +84,25 @@ def teacher_forced(reference: Any, native: Any, ids: list[int]) -> dict[str, flo
     }
 
 
+@contextlib.contextmanager
+def int4_path(path: str) -> Iterator[None]:
+    """Every int4 layer takes `path` (a key of INT4_PATHS) until the block ends."""
+    shipped = quantized_linear.DEQUANTIZED_MIN_ROWS
+    quantized_linear.DEQUANTIZED_MIN_ROWS = INT4_PATHS[path]
+    try:
+        yield
+    finally:
+        quantized_linear.DEQUANTIZED_MIN_ROWS = shipped
+
+
 def quality_per_int4_path(reference: Any, native: Any, ids: list[int]) -> dict[str, Any]:
     """teacher_forced once with every int4 layer on each path (windows of 512 tokens would
     otherwise take only the float32 one, and decode steps run the kernel)."""
-    shipped = quantized_linear.DEQUANTIZED_MIN_ROWS
-    try:
-        found = {}
-        for path, min_rows in INT4_PATHS.items():
-            quantized_linear.DEQUANTIZED_MIN_ROWS = min_rows
+    found = {}
+    for path in INT4_PATHS:
+        with int4_path(path):
             found[path] = teacher_forced(reference, native, ids)
-        return found
-    finally:
-        quantized_linear.DEQUANTIZED_MIN_ROWS = shipped
+    return found
 
 
 QUESTION = "What is the capital of France?"

@@ -104,7 +104,7 @@ def test_many_rows_multiply_through_the_float32_weight_few_through_the_kernel(
         return kernel(*args)
 
     monkeypatch.setattr(quantized_linear, "_int4_matmul", counting_kernel)
-    many = torch.randn(2, DEQUANTIZED_MIN_ROWS, 64, dtype=torch.float64).float()
+    many = torch.randn(2, DEQUANTIZED_MIN_ROWS, 64)
     got = layer(many)
     assert calls == []  # float32 activations: the exact products, no bf16 rounding
     torch.testing.assert_close(got, many @ weight.t() + layer.bias, atol=1e-5, rtol=1e-5)
