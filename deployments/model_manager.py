@@ -63,11 +63,12 @@ class ModelManager:
         config = await self._running_config()
         if live_config.is_unloaded(config, model_id):
             await self._change(lambda c: live_config.set_unloaded(c, model_id, False))
-        try:
-            await asyncio.wait_for(self.wake(model_id), timeout_s)
-        except Exception as exc:  # timed out or refused: answered with the status it reached
-            logger.warning("waking %s: %r", model_id, exc)
-        await self.readiness.refresh()
+        async with self.readiness.waking(model_id):
+            try:
+                await asyncio.wait_for(self.wake(model_id), timeout_s)
+            except Exception as exc:  # timed out or refused: answered with the status it reached
+                logger.warning("waking %s: %r", model_id, exc)
+            await self.readiness.refresh()
         status = await self._wait_for(model_id, {"ready", "failed"}, timeout_s=2.0)
         return {"id": model_id, "status": status}
 

@@ -8,7 +8,10 @@ asked once per deployment of its application (`last_deployed_time_s`) and kept; 
 waits `info_timeout_s` for it. While that answer is pending (the replica is busy), Serve's view
 decides: a replica without weights refuses every call at once, so it is never too busy to answer.
 A model scaled to zero (idle_timeout_s, or unloaded) has no replica to ask, so Serve's view alone
-says idle or loading: nothing here ever sends it a request.
+says idle or loading: nothing here ever sends it a request. The one exception is a load this
+ingress is running (`waking`): Serve's view can still read idle for seconds after the wake-up
+call was sent (before the autoscaler adds the replica, or for the whole of a fast start), and a
+client that asked for the load must read "loading" from the first probe on.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -91,6 +95,18 @@ class ModelReadiness:
         self._infos: dict[str, ModelInfo] = {}
         self._pending: dict[str, asyncio.Task[Any]] = {}
         self._failed_at: dict[str, float] = {}
+        self._num_waking: dict[str, int] = {}
+
+    @asynccontextmanager
+    async def waking(self, model_id: str) -> AsyncIterator[None]:
+        """While inside, a model without a running replica reads "loading", never "idle"."""
+        self._num_waking[model_id] = self._num_waking.get(model_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._num_waking[model_id] -= 1
+            if not self._num_waking[model_id]:
+                del self._num_waking[model_id]
 
     async def statuses(self, model_ids: list[str]) -> dict[str, ModelStatus]:
         views = await self._deployment_views()
@@ -118,7 +134,8 @@ class ModelReadiness:
         if view is None:  # not in Serve's status yet (being deployed), or no controller
             return "loading"
         if view.num_running == 0:
-            return view.status_without_replica
+            status = view.status_without_replica
+            return "loading" if status == "idle" and model_id in self._num_waking else status
         info = self._infos.get(model_id)
         if info is None or info.deployed_at != view.deployed_at:
             info = await self._fetch_info(model_id, view.deployed_at)

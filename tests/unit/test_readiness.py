@@ -146,3 +146,23 @@ async def test_a_load_error_is_failed_and_kept(views: Views) -> None:
     readiness = ModelReadiness(ask, status_ttl_s=0.0)
     assert await readiness.statuses(["m"]) == {"m": "failed"}
     assert readiness.load_error("m") == "no such file"
+
+
+async def test_a_model_being_woken_reads_loading_until_serve_shows_its_replica(
+    views: Views,
+) -> None:
+    async def ask(model_id: str) -> Any:
+        return {"ready": True}
+
+    readiness = ModelReadiness(ask, status_ttl_s=0.0)
+    views.view = DeploymentView(num_running=0, deployed_at=1.0)  # Serve has not reacted yet
+    assert await readiness.statuses(["m"]) == {"m": "idle"}
+    async with readiness.waking("m"), readiness.waking("m"):  # two loads at once
+        assert await readiness.statuses(["m"]) == {"m": "loading"}
+    async with readiness.waking("m"):
+        views.view = DeploymentView(0, 1.0, status="DEPLOY_FAILED")
+        assert await readiness.statuses(["m"]) == {"m": "failed"}  # a failure is never hidden
+        views.view = DeploymentView(num_running=1, deployed_at=1.0)
+        assert await readiness.statuses(["m"]) == {"m": "ready"}
+    views.view = DeploymentView(num_running=0, deployed_at=1.0)
+    assert await readiness.statuses(["m"]) == {"m": "idle"}  # the mark ends with the load
