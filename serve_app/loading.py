@@ -17,6 +17,7 @@ from serve_app.engine.gguf_weights import load_native_model
 from serve_app.engine.inference_thread import InferenceThread
 from serve_app.engine.llm_engine import LLMEngine
 from serve_app.engine.packed_linear import can_pack, pack_linear_layers
+from serve_app.engine.quantized_linear import add_fp16_copies
 from serve_app.model_store import is_native_folder, prepare_weights
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,13 @@ def load_model(
     if is_native_folder(directory):
         model, report = load_native_model(directory, auto_class)
         logger.info("native GGUF weights: %s", report.forms)
+        if options.fp16_copy_min_rows is not None:
+            num_weights = add_fp16_copies(model, options.fp16_copy_min_rows)
+            logger.info(
+                "fp16 copies of %d 4-bit weights, used from %d rows on",
+                num_weights,
+                options.fp16_copy_min_rows,
+            )
         return model, tokenizer, device
     model = auto_class.from_pretrained(
         directory,

@@ -5,7 +5,9 @@ blocks become int4 groups of 32 for `_weight_int4pack_mm_for_cpu`; other types (
 Q6_K) bf16 weights prepacked for oneDNN. Both take bf16 activations (the int4 kernel's fast
 path; float32 activations measured 7-30x slower); the residual stream stays float32: each layer
 casts its input to bf16 and its output back. Big prefill forwards (DEQUANTIZED_MIN_ROWS tokens
-or more) multiply int4 layers by their weights unpacked to float32 instead (the same values).
+or more) multiply int4 layers by their weights unpacked to float32 instead (the same values),
+or, where the model keeps fp16 copies (fp16_copy_min_rows), forwards of that many rows or more
+multiply by the copy (fbgemm's fp16 GEMM).
 The output layer is fp16 with float32 logits (Fp16Linear); a Q8_0 vocabulary is looked up in
 the file's own rows (Q8Embedding).
 """
@@ -26,6 +28,11 @@ _PACK_BLOCK_ROWS = 64
 # dequantizing all of SmolLM2's 4-bit weights costs ~110 ms a forward: the crossover is ~160
 # rows; prefill forwards of 192-512 tokens are 1.4-1.6x faster (benchmarks/prefill_kernels.py).
 DEQUANTIZED_MIN_ROWS = 192
+# An Int4Linear may also hold an fp16 copy of its weight (add_fp16_copies, engine option
+# fp16_copy_min_rows). In a whole step the int4 kernel wins at a few rows: the copy is ~4 bytes a
+# weight once fbgemm has packed it, and a step reads all of them from memory (SmolLM2: ~425 MB
+# a step against ~60 MB in int4). From a few rows on, fbgemm's fp16 GEMM is ~2x the int4 kernel
+# on CPUs without bf16 instructions (benchmarks/fp16_copy.py; docs/benchmarks.md, session 17).
 
 
 class Int4Linear(torch.nn.Module):
@@ -51,10 +58,15 @@ class Int4Linear(torch.nn.Module):
             torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
         )
         self.bias = None if bias is None else bias.detach().float().clone()
+        # fp16 copies of the weight's rows, in order (one; or one per layer fused into this one)
+        self.fp16_parts: list[Fp16Linear] = []
+        self.fp16_min_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] >= DEQUANTIZED_MIN_ROWS and self.out_features % _PACK_BLOCK_ROWS == 0:
+        if self.fp16_parts and rows.shape[0] >= self.fp16_min_rows:
+            y = self._fp16_matmul(rows).to(x.dtype)
+        elif rows.shape[0] >= DEQUANTIZED_MIN_ROWS and self.out_features % _PACK_BLOCK_ROWS == 0:
             y = torch.mm(rows.float(), self._float32_weight_t()).to(x.dtype)  # prefill
         else:
             y = _int4_matmul(
@@ -63,6 +75,20 @@ class Int4Linear(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def add_fp16_copy(self, min_rows: int) -> None:
+        """Keeps the weight in fp16 too (the kernel's values, rounded once) for forwards of at
+        least min_rows rows."""
+        if self.out_features % _PACK_BLOCK_ROWS == 0:
+            weight = self._float32_weight_t().t()
+        else:
+            weight = self.dequantized()
+        self.fp16_parts = [Fp16Linear(weight)]
+        self.fp16_min_rows = min_rows
+
+    def _fp16_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        outputs = [part(rows) for part in self.fp16_parts]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _float32_weight_t(self) -> torch.Tensor:
         """The weight the kernel multiplies by, transposed [K, N] float32, unpacked from the
@@ -92,7 +118,8 @@ class Int4Linear(torch.nn.Module):
         ).t()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g32"
+        copy = f", fp16 copy from {self.fp16_min_rows} rows" if self.fp16_parts else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g32{copy}"
 
 
 class Bf16Linear(torch.nn.Module):
@@ -241,6 +268,15 @@ class Bf16Embedding(torch.nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, bf16"
 
 
+def add_fp16_copies(model: torch.nn.Module, min_rows: int) -> int:
+    """An fp16 copy of every Int4Linear's weight, used from min_rows rows on; returns how many
+    weights were copied."""
+    layers = [module for module in model.modules() if isinstance(module, Int4Linear)]
+    for layer in layers:
+        layer.add_fp16_copy(min_rows)
+    return sum(layer.in_features * layer.out_features for layer in layers)
+
+
 def has_int4_layers(model: torch.nn.Module) -> bool:
     """Whether the model was loaded with native 4-bit weights (some layer is an Int4Linear)."""
     return any(isinstance(module, Int4Linear) for module in model.modules())
@@ -267,6 +303,10 @@ def fuse_int4(linears: list[Int4Linear]) -> Int4Linear | None:
     fused.packed_weight = torch.cat([linear.packed_weight for linear in linears])
     fused.scales_and_zeros = torch.cat([linear.scales_and_zeros for linear in linears], dim=1)
     fused.bias = None
+    # fp16 copies stay the layers' own (one each, no second copy): concatenated outputs
+    has_copies = all(linear.fp16_parts for linear in linears)
+    fused.fp16_parts = [p for linear in linears for p in linear.fp16_parts] if has_copies else []
+    fused.fp16_min_rows = max(linear.fp16_min_rows for linear in linears)
     start = 0
     for linear in linears:  # the separate layers now read the fused copy
         linear.packed_weight = fused.packed_weight[start : start + linear.out_features]

@@ -96,14 +96,7 @@ def test_many_rows_multiply_through_the_float32_weight_few_through_the_kernel(
 ) -> None:
     layer = _int4_layer(128, 64)
     weight = layer.dequantized()
-    calls: list[int] = []
-    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
-
-    def counting_kernel(*args: Any) -> torch.Tensor:
-        calls.append(int(args[0].shape[0]))
-        return kernel(*args)
-
-    monkeypatch.setattr(quantized_linear, "_int4_matmul", counting_kernel)
+    calls = _counting_kernel(monkeypatch)
     many = torch.randn(2, DEQUANTIZED_MIN_ROWS, 64)
     got = layer(many)
     assert calls == []  # float32 activations: the exact products, no bf16 rounding
@@ -126,6 +119,56 @@ def test_rows_not_in_whole_packing_blocks_stay_on_the_kernel(
         layer(x), x.bfloat16().float() @ layer.dequantized().t() + layer.bias, atol=0.02, rtol=0.02
     )
     assert calls == [1]
+
+
+def _counting_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of each int4 kernel call from now on."""
+    calls: list[int] = []
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def counting_kernel(*args: Any) -> torch.Tensor:
+        calls.append(int(args[0].shape[0]))
+        return kernel(*args)
+
+    monkeypatch.setattr(quantized_linear, "_int4_matmul", counting_kernel)
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(128, 64), (96, 64)])  # whole packing blocks, or not
+def test_an_fp16_copy_takes_forwards_from_its_min_rows(
+    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer = _int4_layer(*shape)
+    weight = layer.dequantized()
+    layer.add_fp16_copy(min_rows=4)
+    calls = _counting_kernel(monkeypatch)
+    few = torch.randn(3, shape[1])
+    torch.testing.assert_close(
+        layer(few), few.bfloat16().float() @ weight.t() + layer.bias, atol=0.02, rtol=0.02
+    )
+    assert calls == [3]
+    for num_rows in (4, DEQUANTIZED_MIN_ROWS):  # the copy wins over the float32 unpacking too
+        many = torch.randn(num_rows, shape[1])
+        expected = many @ weight.half().float().t() + layer.bias  # the kernel's values in fp16
+        torch.testing.assert_close(layer(many), expected, atol=1e-4, rtol=1e-4)
+    assert calls == [3]
+    assert "fp16 copy from 4 rows" in repr(layer)
+
+
+def test_a_fused_layer_multiplies_by_its_parts_fp16_copies() -> None:
+    parts = [_int4_layer(128, 64, seed=1), _int4_layer(64, 64, seed=2)]
+    for part in parts:
+        part.bias = None  # fuse_int4 takes layers without bias
+        part.add_fp16_copy(min_rows=2)
+    fused = quantized_linear.fuse_int4(parts)
+    assert fused is not None
+    assert fused.fp16_parts == [parts[0].fp16_parts[0], parts[1].fp16_parts[0]]  # no new copy
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(fused(x), torch.cat([parts[0](x), parts[1](x)], dim=1))
+    plain = _int4_layer(64, 64, seed=3)
+    plain.bias = None
+    without = quantized_linear.fuse_int4([plain, parts[1]])
+    assert without is not None and without.fp16_parts == []  # one part has no copy: none
 
 
 def test_bf16_linear_multiplies_like_its_weight_rounded_to_bf16() -> None:
@@ -324,6 +367,41 @@ def test_a_native_llama_decodes_through_the_written_out_step(
     p, q = torch.log_softmax(expected, -1), torch.log_softmax(got, -1)
     assert float((p.exp() * (p - q)).sum(-1).max()) < 1e-3
     assert torch.equal(expected.argmax(-1), got.argmax(-1))
+
+
+def test_fp16_copies_serve_the_written_out_steps_rows(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16_copy_min_rows: every int4 layer gets a copy; a two-row decode step then runs no
+    int4 kernel and gives what the model's own forward gives."""
+    from transformers import DynamicCache
+
+    from serve_app.engine.batch import cache_kv, growing_cache
+    from serve_app.engine.model_runner import ModelRunner
+
+    native, _ = load_native_model(native_folder(tiny_gguf, tmp_path / "n"), AutoModelForCausalLM)
+    int4_layers = [m for m in native.modules() if isinstance(m, Int4Linear)]
+    num_weights = sum(m.in_features * m.out_features for m in int4_layers)
+    assert quantized_linear.add_fp16_copies(native, min_rows=2) == num_weights
+    assert all(layer.fp16_parts and layer.fp16_min_rows == 2 for layer in int4_layers)
+    step = ModelRunner(native).llama_decode
+    assert step is not None
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    caches = []
+    for _ in range(2):
+        cache = DynamicCache()
+        with torch.no_grad():
+            native(input_ids=ids, past_key_values=cache)
+        caches.append(growing_cache(cache_kv(cache)))
+    token, positions, mask = ids[:, -1:], torch.full((2, 1), 12), torch.ones((2, 13), dtype=int)
+    with torch.no_grad():
+        expected = native(
+            input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=caches[0]
+        ).logits[:, -1]
+    calls = _counting_kernel(monkeypatch)
+    got = step(token, positions, mask, caches[1])
+    assert calls == []
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_wants_native_only_for_cpu_llms() -> None:
