@@ -3,7 +3,8 @@ quantization: over a fixed text (benchmarks/data/quality_text.txt, >= 2,000 toke
 Apache-2.0 text and the history part of Python's LICENSE), teacher-forced in windows of 512
 tokens, the mean KL divergence of the native model's next-token distribution to the float32
 model's and how often their top-1 tokens agree, once per path of the int4 layers (the int4
-kernel, as decode steps run; their weights unpacked to float32, as big prefill forwards run);
+kernel, as decode steps run; their weights unpacked to float32, as big prefill forwards run;
+fp16 copies, as forwards from fp16_copy_min_rows rows run);
 the Paris answer; the largest difference between each repacked weight and the GGUF's
 dequantized values, per GGUF type; decode-step time at batch 1 and 16, native and float32
 interleaved (A B A B, median of rounds); resident memory after warm-up, each form in a fresh
@@ -39,6 +40,7 @@ from serve_app.engine.quantized_linear import (
     Fp16Linear,
     Int4Linear,
     Q8Embedding,
+    add_fp16_copies,
 )
 from serve_app.loading import load_model
 from serve_app.model_store import prepare_weights
@@ -48,12 +50,14 @@ WINDOW = 512
 KL_LIMIT, TOP1_LIMIT = 0.005, 0.97
 # quantized_linear.DEQUANTIZED_MIN_ROWS for each path an int4 layer can take
 INT4_PATHS = {"int4 kernel": 1 << 30, "float32 unpacked": 0}
+FP16_COPY = "fp16 copy"
 
 
 def model_config(config_path: str, model_id: str, weights: str) -> tuple[ModelConfig, Path]:
     config = app_config_from_serve_config(config_path)
     model = next(m for m in config.models if m.id == model_id)
-    engine = model.engine.model_copy(update={"weights": weights})
+    # Without fp16 copies: each int4 path is measured as named, the copies on their own.
+    engine = model.engine.model_copy(update={"weights": weights, "fp16_copy_min_rows": None})
     return model.model_copy(update={"engine": engine}), Path(config.cache_dir).expanduser()
 
 
@@ -95,13 +99,28 @@ def int4_path(path: str) -> Iterator[None]:
         quantized_linear.DEQUANTIZED_MIN_ROWS = shipped
 
 
+@contextlib.contextmanager
+def fp16_copies(model: Any) -> Iterator[None]:
+    """Every int4 layer multiplies by an fp16 copy of its weight until the block ends."""
+    add_fp16_copies(model, min_rows=1)
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            if isinstance(module, Int4Linear):
+                module.fp16_parts = []
+
+
 def quality_per_int4_path(reference: Any, native: Any, ids: list[int]) -> dict[str, Any]:
     """teacher_forced once with every int4 layer on each path (windows of 512 tokens would
-    otherwise take only the float32 one, and decode steps run the kernel)."""
+    otherwise take only the float32 one, and decode steps run the kernel), and once more on
+    fp16 copies (fp16_copy_min_rows)."""
     found = {}
     for path in INT4_PATHS:
         with int4_path(path):
             found[path] = teacher_forced(reference, native, ids)
+    with fp16_copies(native):
+        found[FP16_COPY] = teacher_forced(reference, native, ids)
     return found
 
 
@@ -241,13 +260,15 @@ def main() -> None:
         "native": greedy(native, tokenizer),
         "float32": greedy(reference, tokenizer),
     }
+    with fp16_copies(native):
+        results["paris"][f"native, {FP16_COPY}"] = greedy(native, tokenizer)
     results["passes"] = bool(
         len(ids) >= 2000
         and all(
             quality["mean_kl"] <= KL_LIMIT and quality["top1_agreement"] >= TOP1_LIMIT
             for quality in results["quality"].values()
         )
-        and "Paris" in results["paris"]["native"]
+        and all("Paris" in answer for answer in results["paris"].values())
     )
     print(json.dumps(results, indent=2), flush=True)
     if not args.skip_speed:
