@@ -89,7 +89,7 @@ class EngineOptions(_Strict):
     fp16_copy_min_rows: int | None = Field(
         None,
         ge=1,
-        description="weights: native on CPU: 4-bit layers also keep an fp16 copy (fbgemm, ~4 "
+        description="weights: native on CPU: 4-bit layers also keep an fp16 copy (fbgemm, ~3.3 "
         "bytes a weight) for forwards of at least this many rows (batched decode, prefill); "
         "~2x the int4 kernel there on CPUs without bf16 instructions. None: off",
     )

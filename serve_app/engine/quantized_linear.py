@@ -29,10 +29,11 @@ _PACK_BLOCK_ROWS = 64
 # rows; prefill forwards of 192-512 tokens are 1.4-1.6x faster (benchmarks/prefill_kernels.py).
 DEQUANTIZED_MIN_ROWS = 192
 # An Int4Linear may also hold an fp16 copy of its weight (add_fp16_copies, engine option
-# fp16_copy_min_rows). In a whole step the int4 kernel wins at a few rows: the copy is ~4 bytes a
-# weight once fbgemm has packed it, and a step reads all of them from memory (SmolLM2: ~425 MB
-# a step against ~60 MB in int4). From a few rows on, fbgemm's fp16 GEMM is ~2x the int4 kernel
-# on CPUs without bf16 instructions (benchmarks/fp16_copy.py; docs/benchmarks.md, session 17).
+# fp16_copy_min_rows). In a whole step the int4 kernel wins at a few rows: the copy is ~3.3
+# bytes a weight once fbgemm has packed it, and a step reads all of them from memory (SmolLM2:
+# ~350 MB a step against ~60 MB in int4). From a few rows on, fbgemm's fp16 GEMM is ~2x the
+# int4 kernel on CPUs without bf16 instructions (benchmarks/fp16_copy.py; docs/benchmarks.md,
+# session 17).
 
 
 class Int4Linear(torch.nn.Module):
