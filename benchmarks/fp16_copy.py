@@ -31,18 +31,19 @@ def resident_mb() -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024
 
 
-def set_copies(model: Any, on: bool) -> None:
-    """Every Int4Linear (and the step's fused ones) takes the copy at any row count, or never."""
-    for module in model.modules():
-        if isinstance(module, Int4Linear):
-            module.fp16_min_rows = 1 if on else 1 << 30
+class Forms:
+    """Switches every Int4Linear (the model's and the step's fused ones) between its fp16
+    copies, used at any row count, and the int4 kernel alone (copies set aside)."""
 
+    def __init__(self, model: Any, step: LlamaDecodeStep) -> None:
+        layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+        layers += [f for layer in step.layers for f in (layer.qkv, layer.gate_up)]
+        self.copies = {id(m): (m, m.fp16_parts) for m in layers if isinstance(m, Int4Linear)}
 
-def set_fused(step: LlamaDecodeStep, on: bool) -> None:
-    for layer in step.layers:
-        for fused in (layer.qkv, layer.gate_up):
-            if isinstance(fused, Int4Linear):
-                fused.fp16_min_rows = 1 if on else 1 << 30
+    def use(self, form: str) -> None:
+        for layer, parts in self.copies.values():
+            layer.fp16_parts = parts if form == "fp16" else []
+            layer.fp16_min_rows = 1
 
 
 @torch.no_grad()
@@ -95,6 +96,7 @@ def main() -> None:
     memory = {"copied_weights": num_weights, "added_mb": round(resident_mb() - before, 1)}
     print(f"fp16 copies of {num_weights} weights: +{memory['added_mb']} MB resident", flush=True)
     step = LlamaDecodeStep(model)
+    forms = Forms(model, step)
 
     times: dict[str, list[float]] = {}
     for _ in range(args.rounds):
@@ -102,13 +104,12 @@ def main() -> None:
             torch.set_num_threads(threads)
             for rows in args.rows:
                 for form in ("int4", "fp16"):
-                    set_copies(model, form == "fp16")
-                    set_fused(step, form == "fp16")
+                    forms.use(form)
                     ms = step_ms(model, step, rows, args.context, args.steps)
                     times.setdefault(f"step t{threads} b{rows} {form}", []).append(ms)
             for tokens in args.prefill_tokens:
                 for form in ("int4", "fp16"):  # int4: the kernel, or float32 unpacked from 192
-                    set_copies(model, form == "fp16")
+                    forms.use(form)
                     ms = prefill_ms(model, tokens)
                     times.setdefault(f"prefill t{threads} {tokens} {form}", []).append(ms)
     medians = {key: statistics.median(values) for key, values in times.items()}

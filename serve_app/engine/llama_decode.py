@@ -113,27 +113,32 @@ class _Layer:
             scale=self.scaling,
             enable_gqa=True,
         )
-        hidden = hidden + self.o_proj(attended.reshape(rows, -1))
+        hidden = hidden + _project(self.o_proj, attended.reshape(rows, -1))
         weight, eps = self.post_norm
         gate, up = self._gate_up(F.rms_norm(hidden, weight.shape, weight, eps))
-        return hidden + self.down_proj(F.silu(gate) * up)
+        return hidden + _project(self.down_proj, F.silu(gate) * up)
 
     def _qkv(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k side by side [rows, heads + kv_heads, dim]; v [rows, kv_heads, 1, dim]."""
         if isinstance(self.qkv, list):
-            q, k, v = (linear(x) for linear in self.qkv)
+            q, k, v = (_project(linear, x) for linear in self.qkv)
             qk = torch.cat([q, k], dim=1)
         else:
-            qkv = self.qkv(x)
+            qkv = _project(self.qkv, x)
             qk, v = qkv[:, : self.q_width + self.kv_width], qkv[:, self.q_width + self.kv_width :]
         return qk.view(rows, -1, self.head_dim), v.view(rows, -1, 1, self.head_dim)
 
     def _gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.gate_up, list):
-            gate, up = (linear(x) for linear in self.gate_up)
+            gate, up = (_project(linear, x) for linear in self.gate_up)
             return gate, up
-        gate_up = self.gate_up(x)
+        gate_up = _project(self.gate_up, x)
         return gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
+
+
+def _project(linear: Any, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) as a decode step's: an int4 layer with an fp16 copy picks by row count."""
+    return linear(x, decode=True) if isinstance(linear, Int4Linear) else linear(x)
 
 
 def _fused(linears: list[Any]) -> Any:

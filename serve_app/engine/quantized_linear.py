@@ -6,8 +6,8 @@ Q6_K) bf16 weights prepacked for oneDNN. Both take bf16 activations (the int4 ke
 path; float32 activations measured 7-30x slower); the residual stream stays float32: each layer
 casts its input to bf16 and its output back. Big prefill forwards (DEQUANTIZED_MIN_ROWS tokens
 or more) multiply int4 layers by their weights unpacked to float32 instead (the same values),
-or, where the model keeps fp16 copies (fp16_copy_min_rows), forwards of that many rows or more
-multiply by the copy (fbgemm's fp16 GEMM).
+or, where the model keeps fp16 copies (fp16_copy_min_rows), prefill forwards and decode steps
+of that many rows or more multiply by the copy (fbgemm's fp16 GEMM).
 The output layer is fp16 with float32 logits (Fp16Linear); a Q8_0 vocabulary is looked up in
 the file's own rows (Q8Embedding).
 """
@@ -29,7 +29,7 @@ _PACK_BLOCK_ROWS = 64
 # rows; prefill forwards of 192-512 tokens are 1.4-1.6x faster (benchmarks/prefill_kernels.py).
 DEQUANTIZED_MIN_ROWS = 192
 # An Int4Linear may also hold an fp16 copy of its weight (add_fp16_copies, engine option
-# fp16_copy_min_rows). In a whole step the int4 kernel wins at a few rows: the copy is ~3.3
+# fp16_copy_min_rows). In a whole decode step the int4 kernel wins at a few rows: the copy is ~3.3
 # bytes a weight once fbgemm has packed it, and a step reads all of them from memory (SmolLM2:
 # ~350 MB a step against ~60 MB in int4). From a few rows on, fbgemm's fp16 GEMM is ~2x the
 # int4 kernel on CPUs without bf16 instructions (benchmarks/fp16_copy.py; docs/benchmarks.md,
@@ -63,9 +63,13 @@ class Int4Linear(torch.nn.Module):
         self.fp16_parts: list[Fp16Linear] = []
         self.fp16_min_rows = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """decode: x is one decode step's rows (the written-out step says so): with an fp16
+        copy, fewer than fp16_min_rows of them take the int4 kernel. Every other forward
+        (prefill) takes the copy at any length, so a prompt's keys and values do not depend on
+        how much of it came from the prefix cache."""
         rows = x.reshape(-1, self.in_features)
-        if self.fp16_parts and rows.shape[0] >= self.fp16_min_rows:
+        if self.fp16_parts and (not decode or rows.shape[0] >= self.fp16_min_rows):
             y = self._fp16_matmul(rows).to(x.dtype)
         elif rows.shape[0] >= DEQUANTIZED_MIN_ROWS and self.out_features % _PACK_BLOCK_ROWS == 0:
             y = torch.mm(rows.float(), self._float32_weight_t()).to(x.dtype)  # prefill
@@ -78,8 +82,8 @@ class Int4Linear(torch.nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def add_fp16_copy(self, min_rows: int) -> None:
-        """Keeps the weight in fp16 too (the kernel's values, rounded once) for forwards of at
-        least min_rows rows."""
+        """Keeps the weight in fp16 too (the kernel's values, rounded once) for prefill and for
+        decode steps of at least min_rows rows."""
         if self.out_features % _PACK_BLOCK_ROWS == 0:
             weight = self._float32_weight_t().t()
         else:
@@ -270,8 +274,8 @@ class Bf16Embedding(torch.nn.Module):
 
 
 def add_fp16_copies(model: torch.nn.Module, min_rows: int) -> int:
-    """An fp16 copy of every Int4Linear's weight, used from min_rows rows on; returns how many
-    weights were copied."""
+    """An fp16 copy of every Int4Linear's weight, for prefill and decode steps of min_rows rows
+    or more; returns how many weights were copied."""
     layers = [module for module in model.modules() if isinstance(module, Int4Linear)]
     for layer in layers:
         layer.add_fp16_copy(min_rows)

@@ -135,22 +135,30 @@ def _counting_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize("shape", [(128, 64), (96, 64)])  # whole packing blocks, or not
-def test_an_fp16_copy_takes_forwards_from_its_min_rows(
+def test_an_fp16_copy_takes_prefill_and_decode_steps_from_its_min_rows(
     shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     layer = _int4_layer(*shape)
     weight = layer.dequantized()
     layer.add_fp16_copy(min_rows=4)
     calls = _counting_kernel(monkeypatch)
+
+    def by_copy(x: torch.Tensor) -> torch.Tensor:  # the kernel's values rounded to fp16
+        return x @ weight.half().float().t() + layer.bias
+
     few = torch.randn(3, shape[1])
     torch.testing.assert_close(
-        layer(few), few.bfloat16().float() @ weight.t() + layer.bias, atol=0.02, rtol=0.02
+        layer(few, decode=True),
+        few.bfloat16().float() @ weight.t() + layer.bias,
+        atol=0.02,
+        rtol=0.02,
     )
-    assert calls == [3]
+    assert calls == [3]  # a decode step under min_rows: the int4 kernel
+    torch.testing.assert_close(layer(few), by_copy(few), atol=1e-4, rtol=1e-4)  # prefill
     for num_rows in (4, DEQUANTIZED_MIN_ROWS):  # the copy wins over the float32 unpacking too
         many = torch.randn(num_rows, shape[1])
-        expected = many @ weight.half().float().t() + layer.bias  # the kernel's values in fp16
-        torch.testing.assert_close(layer(many), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer(many, decode=True), by_copy(many), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer(many), by_copy(many), atol=1e-4, rtol=1e-4)
     assert calls == [3]
     assert "fp16 copy from 4 rows" in repr(layer)
 
@@ -373,7 +381,8 @@ def test_fp16_copies_serve_the_written_out_steps_rows(
     tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fp16_copy_min_rows: every int4 layer gets a copy; a two-row decode step then runs no
-    int4 kernel and gives what the model's own forward gives."""
+    int4 kernel and gives what the model's own forward gives; under min_rows it runs the
+    kernel while prefill keeps the copies."""
     from transformers import DynamicCache
 
     from serve_app.engine.batch import cache_kv, growing_cache
@@ -388,12 +397,16 @@ def test_fp16_copies_serve_the_written_out_steps_rows(
     assert step is not None
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
     caches = []
-    for _ in range(2):
+    for _ in range(3):
         cache = DynamicCache()
         with torch.no_grad():
             native(input_ids=ids, past_key_values=cache)
         caches.append(growing_cache(cache_kv(cache)))
-    token, positions, mask = ids[:, -1:], torch.full((2, 1), 12), torch.ones((2, 13), dtype=int)
+    token, positions, mask = (
+        ids[:, -1:],
+        torch.full((2, 1), 12),
+        torch.ones((2, 13), dtype=torch.long),
+    )
     with torch.no_grad():
         expected = native(
             input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=caches[0]
@@ -402,6 +415,13 @@ def test_fp16_copies_serve_the_written_out_steps_rows(
     got = step(token, positions, mask, caches[1])
     assert calls == []
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for layer in int4_layers:  # steps of 2 rows now under min_rows; prefill keeps the copies
+        layer.fp16_min_rows = 3
+    with torch.no_grad():
+        native(input_ids=ids, past_key_values=DynamicCache())
+    assert calls == []
+    ModelRunner(native).llama_decode(token, positions, mask, caches[2])  # type: ignore[misc]
+    assert calls and set(calls) == {2}
 
 
 def test_wants_native_only_for_cpu_llms() -> None:
