@@ -101,6 +101,18 @@ class EngineOptions(_Strict):
     # Embedding models only:
     max_batch_size: int = Field(32, ge=1, description="embeddings: inputs per forward pass")
 
+    @model_validator(mode="after")
+    def _fp16_copies_need_native_weights(self) -> EngineOptions:
+        if self.fp16_copy_min_rows is not None and (
+            self.weights != "native" or self.quantization != "none"
+        ):
+            raise ValueError(
+                "fp16_copy_min_rows copies native 4-bit weights: it needs weights: native and "
+                f"quantization: none (got weights: {self.weights}, "
+                f"quantization: {self.quantization})"
+            )
+        return self
+
 
 LLM_ONLY_OPTIONS = frozenset(
     {

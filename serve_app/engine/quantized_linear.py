@@ -6,8 +6,8 @@ Q6_K) bf16 weights prepacked for oneDNN. Both take bf16 activations (the int4 ke
 path; float32 activations measured 7-30x slower); the residual stream stays float32: each layer
 casts its input to bf16 and its output back. Big prefill forwards (DEQUANTIZED_MIN_ROWS tokens
 or more) multiply int4 layers by their weights unpacked to float32 instead (the same values),
-or, where the model keeps fp16 copies (fp16_copy_min_rows), prefill forwards and decode steps
-of that many rows or more multiply by the copy (fbgemm's fp16 GEMM).
+or, where the model keeps fp16 copies (fp16_copy_min_rows), every prefill forward and the
+decode steps of that many rows or more multiply by the copy (fbgemm's fp16 GEMM).
 The output layer is fp16 with float32 logits (Fp16Linear); a Q8_0 vocabulary is looked up in
 the file's own rows (Q8Embedding).
 """

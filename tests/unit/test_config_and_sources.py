@@ -104,6 +104,15 @@ def test_a_model_refuses_the_engine_options_of_the_other_kind(
         ModelConfig.model_validate({"id": "m", "kind": kind, "source": "x", "engine": option})
 
 
+@pytest.mark.parametrize("other", [{"weights": "float32"}, {"quantization": "int8"}])
+def test_fp16_copies_are_refused_without_native_weights(other: dict[str, str]) -> None:
+    engine = {"fp16_copy_min_rows": 8, **other}
+    with pytest.raises(ValidationError, match="fp16_copy_min_rows .* needs weights: native"):
+        ModelConfig.model_validate({"id": "m", "kind": "chat", "source": "x", "engine": engine})
+    native = {"id": "m", "kind": "chat", "source": "x", "engine": {"fp16_copy_min_rows": 8}}
+    assert ModelConfig.model_validate(native).engine.fp16_copy_min_rows == 8
+
+
 def test_engine_options_of_a_models_own_kind_survive_the_round_trip() -> None:
     embedding = ModelConfig.model_validate(
         {"id": "e", "kind": "embedding", "source": "x", "engine": {"max_batch_size": 8}}

@@ -83,6 +83,19 @@ def _int4_layer(rows: int, cols: int, seed: int = 0) -> Int4Linear:
     return Int4Linear(q, scales, zeros, bias=torch.randn(rows, generator=generator))
 
 
+def _counting_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of each int4 kernel call from now on."""
+    calls: list[int] = []
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def counting_kernel(*args: Any) -> torch.Tensor:
+        calls.append(int(args[0].shape[0]))
+        return kernel(*args)
+
+    monkeypatch.setattr(quantized_linear, "_int4_matmul", counting_kernel)
+    return calls
+
+
 @pytest.mark.parametrize("shape", [(64, 32), (192, 96), (1536, 576)])
 def test_unpacked_float32_weight_is_the_kernels_own(shape: tuple[int, int]) -> None:
     """The prefill path reads the kernel's packed layout back: every value must be the one the
@@ -111,27 +124,12 @@ def test_rows_not_in_whole_packing_blocks_stay_on_the_kernel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     layer = _int4_layer(96, 64)  # the last 32 rows are a partial block of the packing
-    calls: list[int] = []
-    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
-    monkeypatch.setattr(quantized_linear, "_int4_matmul", lambda *a: calls.append(1) or kernel(*a))
+    calls = _counting_kernel(monkeypatch)
     x = torch.randn(DEQUANTIZED_MIN_ROWS, 64)
     torch.testing.assert_close(
         layer(x), x.bfloat16().float() @ layer.dequantized().t() + layer.bias, atol=0.02, rtol=0.02
     )
-    assert calls == [1]
-
-
-def _counting_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Rows of each int4 kernel call from now on."""
-    calls: list[int] = []
-    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
-
-    def counting_kernel(*args: Any) -> torch.Tensor:
-        calls.append(int(args[0].shape[0]))
-        return kernel(*args)
-
-    monkeypatch.setattr(quantized_linear, "_int4_matmul", counting_kernel)
-    return calls
+    assert calls == [DEQUANTIZED_MIN_ROWS]
 
 
 @pytest.mark.parametrize("shape", [(128, 64), (96, 64)])  # whole packing blocks, or not
@@ -422,6 +420,30 @@ def test_fp16_copies_serve_the_written_out_steps_rows(
     assert calls == []
     ModelRunner(native).llama_decode(token, positions, mask, caches[2])  # type: ignore[misc]
     assert calls and set(calls) == {2}
+
+
+def test_load_model_adds_the_copies_the_option_asks_for(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    import transformers
+
+    from serve_app.loading import load_model
+
+    fake_tokenizer = SimpleNamespace(
+        save_pretrained=lambda d: (Path(d) / "tokenizer.json").write_text("{}")
+    )
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *_, **__: fake_tokenizer
+    )
+    for min_rows in (None, 8):
+        engine = {"weights": "native", "fp16_copy_min_rows": min_rows}
+        config = ModelConfig(id="t", kind="chat", source=str(tiny_gguf), engine=engine)
+        model, _, _ = load_model(config, tmp_path / "cache", AutoModelForCausalLM, has_gpu=False)
+        layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+        assert layers and all(bool(m.fp16_parts) == (min_rows is not None) for m in layers)
+        assert all(m.fp16_min_rows == 8 for m in layers if m.fp16_parts)
 
 
 def test_wants_native_only_for_cpu_llms() -> None:
