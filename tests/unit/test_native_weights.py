@@ -422,21 +422,22 @@ def test_fp16_copies_serve_the_written_out_steps_rows(
     assert calls and set(calls) == {2}
 
 
-def test_load_model_adds_the_copies_the_option_asks_for(
-    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture()
+def fake_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Native preparation without a real tokenizer: it saves a stub tokenizer.json."""
     from types import SimpleNamespace
 
     import transformers
 
+    stub = SimpleNamespace(save_pretrained=lambda d: (Path(d) / "tokenizer.json").write_text("{}"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *_, **__: stub)
+
+
+def test_load_model_adds_the_copies_the_option_asks_for(
+    tiny_gguf: Path, tmp_path: Path, fake_tokenizer: None
+) -> None:
     from serve_app.loading import load_model
 
-    fake_tokenizer = SimpleNamespace(
-        save_pretrained=lambda d: (Path(d) / "tokenizer.json").write_text("{}")
-    )
-    monkeypatch.setattr(
-        transformers.AutoTokenizer, "from_pretrained", lambda *_, **__: fake_tokenizer
-    )
     for min_rows in (None, 8):
         engine = {"weights": "native", "fp16_copy_min_rows": min_rows}
         config = ModelConfig(id="t", kind="chat", source=str(tiny_gguf), engine=engine)
@@ -462,22 +463,13 @@ def test_wants_native_only_for_cpu_llms() -> None:
 
 
 def test_prepare_native_writes_no_weights_and_follows_a_moved_file(
-    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_gguf: Path, tmp_path: Path, fake_tokenizer: None
 ) -> None:
     import json
     import shutil
-    from types import SimpleNamespace
-
-    import transformers
 
     from serve_app.model_store import prepare_weights
 
-    fake_tokenizer = SimpleNamespace(
-        save_pretrained=lambda d: (Path(d) / "tokenizer.json").write_text("{}")
-    )
-    monkeypatch.setattr(
-        transformers.AutoTokenizer, "from_pretrained", lambda *_, **__: fake_tokenizer
-    )
     first = tmp_path / "a" / "tiny.gguf"
     first.parent.mkdir()
     shutil.copy(tiny_gguf, first)
@@ -498,24 +490,15 @@ def test_prepare_native_writes_no_weights_and_follows_a_moved_file(
 
 
 def test_preparation_parses_the_gguf_file_once(
-    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_gguf: Path, tmp_path: Path, fake_tokenizer: None
 ) -> None:
     """The tokenizer, the config and the tensor index each read the file; the parse (every
     vocabulary string, ~13 s for Gemma-3's) is done once and shared. (The tiny file has no
     tokenizer: a stand-in; the config and the index would parse it twice.)"""
-    from types import SimpleNamespace
-
     import gguf
-    import transformers
 
     from serve_app.model_store import prepare_weights
 
-    fake_tokenizer = SimpleNamespace(
-        save_pretrained=lambda d: (Path(d) / "tokenizer.json").write_text("{}")
-    )
-    monkeypatch.setattr(
-        transformers.AutoTokenizer, "from_pretrained", lambda *_, **__: fake_tokenizer
-    )
     parsed: list[str] = []
     original = gguf.GGUFReader
 
