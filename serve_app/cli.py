@@ -91,24 +91,45 @@ def _models_parser(commands: Any) -> None:
 
 
 def pull_models(config_path: str) -> int:
+    """Prepares every model of the config, each in a worker process of its own, up to one per
+    core: a preparation is single-threaded Python (GGUF parse, tokenizer build), so on 2 cores
+    SmolLM2's and Gemma's run side by side instead of one after the other."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     from tqdm import tqdm
 
+    config = app_config_from_serve_config(config_path)
+    cache_dir = Path(config.cache_dir)
+    workers = max(1, min(len(config.models), os.cpu_count() or 1))
+    failures = 0
+    # Forked before tqdm starts its monitor thread: the workers inherit this process's imports.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        pending = {pool.submit(_prepare_one, model, cache_dir): model for model in config.models}
+        with tqdm(total=len(pending), desc="models", unit="model") as bar:
+            for future in as_completed(pending):
+                model = pending[future]
+                path, seconds, error = future.result()
+                bar.update()
+                if error is not None:
+                    failures += 1
+                    tqdm.write(f"FAILED {model.id}: {error}")
+                else:
+                    tqdm.write(f"ready  {model.id} ({seconds:.1f}s) -> {path}")
+    return 1 if failures else 0
+
+
+def _prepare_one(model: Any, cache_dir: Path) -> tuple[Path | None, float, str | None]:
+    """One model's preparation in a pull worker: (folder, seconds, None) or the source error's
+    message (another exception propagates and fails the pull, as it would in one process)."""
     from serve_app.model_store import ModelSourceError, prepare_weights
 
-    config = app_config_from_serve_config(config_path)
-    failures = 0
-    with tqdm(config.models, desc="models", unit="model") as bar:
-        for model in bar:
-            bar.set_postfix_str(model.id)
-            started = time.monotonic()
-            try:
-                path = prepare_weights(model, Path(config.cache_dir))
-            except ModelSourceError as exc:
-                failures += 1
-                tqdm.write(f"FAILED {model.id}: {exc}")
-                continue
-            tqdm.write(f"ready  {model.id} ({time.monotonic() - started:.1f}s) -> {path}")
-    return 1 if failures else 0
+    started = time.monotonic()
+    try:
+        path = prepare_weights(model, cache_dir)
+    except ModelSourceError as exc:
+        return None, time.monotonic() - started, str(exc)
+    return path, time.monotonic() - started, None
 
 
 if __name__ == "__main__":

@@ -123,3 +123,30 @@ def test_engine_options_of_a_models_own_kind_survive_the_round_trip() -> None:
         assert ModelConfig.model_validate(dumped) == config
     assert "max_num_seqs" not in embedding.model_dump()["engine"]
     assert "max_batch_size" not in llm.model_dump()["engine"]
+
+
+def test_pull_prepares_every_model_and_names_the_ones_that_fail(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve-app pull` runs the models' preparations in worker processes: each one ready is
+    reported with its folder, a bad source is reported by name, and the exit status says so."""
+    import yaml
+
+    from serve_app.cli import pull_models
+
+    serve_config = yaml.safe_load((REPO_ROOT / "config" / "serve.yaml").read_text())
+    for app in serve_config["applications"]:
+        if "model" in app["args"]:
+            missing = app["args"]["model"]["id"] == "gemma-3-270m"
+            source = tmp_path / "missing" if missing else tiny_model_dir
+            app["args"]["model"]["source"] = str(source)
+            app["args"]["cache_dir"] = str(tmp_path / "cache")
+    config_path = tmp_path / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(serve_config))
+
+    assert pull_models(str(config_path)) == 1
+    out = capsys.readouterr().out
+    assert "ready  smollm2-135m-instruct" in out
+    assert "ready  all-minilm-l6-v2" in out
+    assert out.count(f"-> {tiny_model_dir}") == 2
+    assert "FAILED gemma-3-270m: model 'gemma-3-270m': cannot resolve source" in out
