@@ -8,7 +8,6 @@ computed. This is the one place a faster runner (another kernel, another device)
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -113,8 +112,7 @@ class ModelRunner:
         left-padded][rests, left-padded]. Identical prompts (n > 1 choices of one request)
         are computed once and their row copied. Returns each row's first token."""
         distinct, rows_of = _distinct_prompts(group)
-        with self._prefill_threads():
-            cache, mask, logits = self._forward_prompts(distinct)
+        cache, mask, logits = self._forward_prompts(distinct)
         if len(distinct) < len(group):
             index = torch.tensor(rows_of, device=self.device)
             layers = [
@@ -154,15 +152,14 @@ class ModelRunner:
         if self._chunk is None or self._chunk.request_id != seq.request_id:
             self._chunk = _ChunkCache(seq.request_id, self._chunk_start_cache(seq))
         cache = self._chunk.cache
-        with self._prefill_threads():
-            out = self.model(
-                input_ids=torch.tensor([seq.prompt_ids[start:end]], device=self.device),
-                attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
-                position_ids=torch.arange(start, end, device=self.device).unsqueeze(0),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        out = self.model(
+            input_ids=torch.tensor([seq.prompt_ids[start:end]], device=self.device),
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(start, end, device=self.device).unsqueeze(0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         logger.debug("prefill chunk %d-%d of %d tokens", start, end, seq.num_prompt_tokens)
         if end < seq.num_prompt_tokens:
             return None
@@ -201,11 +198,6 @@ class ModelRunner:
             use_cache=True,
         )
         return out.logits[:, -1, :]
-
-    def _prefill_threads(self) -> contextlib.AbstractContextManager[None]:
-        """Prefills run on every thread even while the governor keeps decode steps on one
-        (thread_governor.py says why)."""
-        return self.governor.all_threads() if self.governor else contextlib.nullcontext()
 
     # ---- batch rows --------------------------------------------------------------------
 

@@ -14,22 +14,15 @@ more than SLOW_FACTOR times that, the cores are contended and the rest of the st
 thread. After `retry_s` it tries all threads again (a contended retry costs a few slow layers,
 not a step); the wait doubles while contention lasts. A median, not one layer: a single late
 layer (a timer tick, a short preemption) is no reason to halve the team for a second.
-
-Prefill forwards run on every thread whatever the decode steps run on (`all_threads`): a
-prefill is a few large matmuls per layer, which lose little to a core that is busy for a
-moment, where a decode step's hundreds of small barriers lose 2-3x. Served SmolLM2 at c=16
-(the stack's bursts keep the governor at one thread): prefills went from ~2x the offline
-engine's time to less, c=16 tok/s 1.05x, TTFT p50 0.87x (docs/benchmarks.md, session 18).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -105,19 +98,6 @@ class ThreadGovernor:
             self._drop(now)
             return
         self._quiet[self._rows] = _followed(quiet, median)
-
-    @contextlib.contextmanager
-    def all_threads(self) -> Iterator[None]:
-        """Every thread for the forward inside (a prefill), then back to what decode steps
-        run on; the governor's own state does not change."""
-        lowered = self.current < self.threads
-        if lowered:
-            self._set_threads(self.threads)
-        try:
-            yield
-        finally:
-            if lowered:
-                self._set_threads(self.current)
 
     def _drop(self, now: float) -> None:
         still_contended = now - self._retried_at < 1.0  # dropped again right after a retry

@@ -5,11 +5,7 @@ and its hooks on a real model's decoder layers."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -19,7 +15,6 @@ from serve_app.engine.thread_governor import (
     ThreadGovernor,
     govern_decoder_layers,
 )
-from tests.unit.conftest import tiny_model_config
 
 
 class Clock:
@@ -149,89 +144,3 @@ def test_it_hooks_every_decoder_layer_of_a_model(tiny_model_dir: Path) -> None:
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3]]))
     assert len(seen) == model.config.num_hidden_layers + 1  # before each layer, after the last
-
-
-def test_a_prefill_gets_every_thread_while_decode_steps_run_on_one() -> None:
-    governor, clock, calls = make()
-    with governor.all_threads():  # not lowered: nothing to change
-        assert calls == []
-    for _ in range(5):
-        step(governor, clock, QUIET)
-    step(governor, clock, CONTENDED)
-    assert governor.current == 1 and calls == [1]
-    with governor.all_threads():
-        assert calls == [1, 2]
-    assert calls == [1, 2, 1] and governor.current == 1  # decode steps stay on one
-
-
-class _SpyGovernor:
-    """Says whether a forward runs inside all_threads; decode-step hooks do nothing."""
-
-    def __init__(self) -> None:
-        self.inside = False
-
-    @contextlib.contextmanager
-    def all_threads(self) -> Iterator[None]:
-        self.inside = True
-        try:
-            yield
-        finally:
-            self.inside = False
-
-    def start_step(self, rows: int) -> None:
-        pass
-
-    def end_step(self) -> None:
-        pass
-
-    def layer_done(self) -> None:
-        pass
-
-
-def test_the_engine_prefills_on_every_thread_and_decodes_as_governed(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    """Whole prompts and chunks of a long one run inside all_threads; decode steps do not."""
-    from serve_app.engine.types import SamplingParams
-    from serve_app.loading import build_llm_engine
-
-    config = tiny_model_config(tiny_model_dir, max_prefill_tokens=16)
-    engine = build_llm_engine(config, tmp_path)
-    try:
-        runner, spy = engine.runner, _SpyGovernor()
-        runner.governor, runner._has_governor = spy, True  # type: ignore[assignment]
-        forwards: list[tuple[int, bool]] = []  # (tokens per row, inside all_threads)
-        model = runner.model
-
-        def recording_forward(*args: Any, **kwargs: Any) -> Any:
-            forwards.append((int(kwargs["input_ids"].shape[1]), spy.inside))
-            return model.forward(*args, **kwargs)
-
-        runner.model = _Calls(model, recording_forward)
-        params = SamplingParams(max_tokens=3, temperature=0.0)
-
-        async def run(prompt: list[int]) -> None:
-            async for _ in engine.generate(f"r{len(prompt)}", prompt, params):
-                pass
-
-        asyncio.run(run(list(range(5, 10))))  # one prefill forward
-        asyncio.run(run(list(range(5, 45))))  # 40 tokens: chunks of 16, 16, 8
-    finally:
-        engine.shutdown()
-    prefills = [inside for tokens, inside in forwards if tokens > 1]
-    decodes = [inside for tokens, inside in forwards if tokens == 1]
-    assert len(prefills) == 4 and all(prefills)
-    assert len(decodes) == 4 and not any(decodes)
-
-
-class _Calls:
-    """The model with its calls sent to `call` (other attributes are the model's)."""
-
-    def __init__(self, model: Any, call: Any) -> None:
-        self._model, self._call = model, call
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
