@@ -12,6 +12,7 @@ aside, then renamed into place).
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import importlib
@@ -209,13 +210,19 @@ def _one_gguf_parse() -> Iterator[None]:
     vocabulary on this VM (cProfile; docs/benchmarks.md, session 14). transformers imports
     GGUFReader from the package at each call, so the package's name is what is replaced; the
     lock keeps two preparations in one process from restoring each other's replacement. The
-    shared reader also parses ~4x faster (_get_from_plain_array)."""
+    shared reader also parses ~4x faster (_get_from_plain_array). transformers' metadata pass
+    (load_gguf_checkpoint without tensors, which turns every field's values, the vocabulary
+    included, into Python values) runs twice, for the tokenizer's class and for the config:
+    the second call gets the first's result (session 18)."""
     import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     with _GGUF_PARSE_LOCK:
         original = gguf.GGUFReader
+        original_metadata = gguf_utils.load_gguf_checkpoint
         faster = type("PlainArrayGGUFReader", (original,), {"_get": _get_from_plain_array})
         readers: dict[tuple[str, str], Any] = {}
+        metadata: dict[str, dict[str, Any]] = {}
 
         def shared_reader(path: Any, mode: Any = "r") -> Any:
             key = (str(path), mode)
@@ -223,11 +230,23 @@ def _one_gguf_parse() -> Iterator[None]:
                 readers[key] = faster(path, mode)
             return readers[key]
 
+        def shared_metadata(
+            path: Any, return_tensors: Any = False, model_to_load: Any = None, dtype: Any = None
+        ) -> Any:
+            if return_tensors or model_to_load is not None or dtype is not None:
+                return original_metadata(path, return_tensors, model_to_load, dtype)
+            if str(path) not in metadata:
+                metadata[str(path)] = original_metadata(path, return_tensors)
+            parsed = metadata[str(path)]
+            return {**parsed, "config": copy.deepcopy(parsed["config"])}  # callers edit it
+
         gguf.GGUFReader = shared_reader  # type: ignore[assignment,misc]
+        gguf_utils.load_gguf_checkpoint = shared_metadata
         try:
             yield
         finally:
             gguf.GGUFReader = original  # type: ignore[misc]
+            gguf_utils.load_gguf_checkpoint = original_metadata
 
 
 _GGUF_PARSE_LOCK = threading.Lock()

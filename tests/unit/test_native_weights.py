@@ -554,3 +554,33 @@ def test_the_shared_reader_reads_what_gguf_reads(tmp_path: Path) -> None:
     for mine, theirs in zip(shared.tensors, expected.tensors, strict=True):
         assert mine.data.dtype == theirs.data.dtype and np.array_equal(mine.data, theirs.data)
         assert (mine.data_offset, mine.n_elements) == (theirs.data_offset, theirs.n_elements)
+
+
+def test_transformers_metadata_pass_runs_once_per_file(
+    tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers' metadata pass (every field to Python values, Gemma-3's 262k-token
+    vocabulary included) is asked for twice per preparation, for the tokenizer's class and for
+    the config: it runs once, and each caller gets a config of its own to edit."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from serve_app.model_store import _one_gguf_parse
+
+    calls: list[str] = []
+    original = gguf_utils.load_gguf_checkpoint
+
+    def counting(
+        path: Any, return_tensors: Any = False, model: Any = None, dtype: Any = None
+    ) -> Any:
+        calls.append(str(path))
+        return original(path, return_tensors, model, dtype)
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", counting)
+    with _one_gguf_parse():
+        first = gguf_utils.load_gguf_checkpoint(str(tiny_gguf))
+        unchanged = dict(first["config"])
+        first["config"]["num_hidden_layers"] = -1  # what a caller may do to its copy
+        second = gguf_utils.load_gguf_checkpoint(str(tiny_gguf), return_tensors=False)
+    assert calls == [str(tiny_gguf)]
+    assert second["config"] == unchanged and unchanged["num_hidden_layers"] != -1
+    assert gguf_utils.load_gguf_checkpoint is counting  # put back
