@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.client import DEFAULT_URL
-from serve_app.config import app_config_from_serve_config
+from serve_app.config import ModelConfig, app_config_from_serve_config
 
 DEFAULT_CONFIG = "config/serve.yaml"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def pull_models(config_path: str) -> int:
     return 1 if failures else 0
 
 
-def _prepare_one(model: Any, cache_dir: Path) -> tuple[Path | None, float, str | None]:
+def _prepare_one(model: ModelConfig, cache_dir: Path) -> tuple[Path | None, float, str | None]:
     """One model's preparation in a pull worker: (folder, seconds, None) or the source error's
     message (another exception propagates and fails the pull, as it would in one process)."""
     from serve_app.model_store import ModelSourceError, prepare_weights
