@@ -156,10 +156,15 @@ def _package_path(spec: str) -> Path:
 
 
 def _assemble_package(package: str, cache_dir: Path) -> Path:
-    """Packages that ship a model in chunks expose assemble(output_path) (gemma3 GGUF parts)."""
+    """Packages that ship a model in chunks expose assemble(output_path) (gemma3 GGUF parts).
+    Their assemble writes the file in place, so one process at a time does it: two replicas
+    starting together, or a pull preparing two models from one package, would interleave."""
     module = importlib.import_module(package)
     name = getattr(module, "MODEL_NAME", f"{package}.gguf")
-    return Path(module.assemble(output_path=cache_dir / "assembled" / name))
+    output = cache_dir / "assembled" / name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(output.with_name(name + ".lock")):
+        return Path(module.assemble(output_path=output))
 
 
 def _hf_snapshot(repo_id: str, revision: str | None) -> Path:

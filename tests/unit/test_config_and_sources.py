@@ -150,3 +150,35 @@ def test_pull_prepares_every_model_and_names_the_ones_that_fail(
     assert "ready  all-minilm-l6-v2" in out
     assert out.count(f"-> {tiny_model_dir}") == 2
     assert "FAILED gemma-3-270m: model 'gemma-3-270m': cannot resolve source" in out
+
+
+def test_a_chunked_package_is_assembled_under_a_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The package's assemble() writes its file in place: it runs holding the file's lock, so
+    two processes preparing from one package never write it at once."""
+    import fcntl
+    import sys
+    import types
+
+    seen: list[bool] = []
+
+    def assemble(output_path: Path) -> Path:
+        lock = output_path.with_name(output_path.name + ".lock")
+        with lock.open("a") as other:  # another process's attempt, as flock sees it
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append(False)
+            except BlockingIOError:
+                seen.append(True)
+        output_path.write_bytes(b"GGUF")
+        return output_path
+
+    package = types.ModuleType("chunked_model_pkg")
+    package.MODEL_NAME = "m.gguf"  # type: ignore[attr-defined]
+    package.assemble = assemble  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "chunked_model_pkg", package)
+    config = ModelConfig(id="m", kind="chat", source="pkg-assemble://chunked_model_pkg")
+    weights = resolve_source(config, tmp_path)
+    assert seen == [True]
+    assert weights.directory == tmp_path / "assembled" and weights.gguf_file == "m.gguf"
