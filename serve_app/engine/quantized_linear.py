@@ -1,13 +1,14 @@
 """Linear layers and embedding lookups on GGUF weights kept quantized (CPU): int4 and bf16.
 
 GGUF weights keep their own quantized form (gguf_weights.py repacks them): Q4_0/Q4_1/Q4_K
-blocks become int4 groups of 32 for `_weight_int4pack_mm_for_cpu`; other types (Q8_0, Q5_x,
-Q6_K) bf16 weights prepacked for oneDNN. Both take bf16 activations (the int4 kernel's fast
-path; float32 activations measured 7-30x slower); the residual stream stays float32: each layer
-casts its input to bf16 and its output back. Big prefill forwards (DEQUANTIZED_MIN_ROWS tokens
-or more) multiply int4 layers by their weights unpacked to float32 instead (the same values),
-or, where the model keeps fp16 copies (fp16_copy_min_rows), every prefill forward and the
-decode steps of that many rows or more multiply by the copy (fbgemm's fp16 GEMM).
+blocks become int4 groups of 32, multiplied by q4_kernel.c (integer dot products on 16-bit
+activations; q4_native.py) where it builds, else by torch's `_weight_int4pack_mm_for_cpu` (bf16
+activations: its fast path; float32 activations measured 7-30x slower); other types (Q8_0,
+Q5_x, Q6_K) bf16 weights prepacked for oneDNN. The residual stream stays float32. Big prefill
+forwards (DEQUANTIZED_MIN_ROWS tokens or more) multiply int4 layers by their weights unpacked
+to float32 instead (the same values), or, where the model keeps fp16 copies
+(fp16_copy_min_rows), every prefill forward and the decode steps of that many rows or more
+multiply by the copy (fbgemm's fp16 GEMM).
 The output layer is fp16 with float32 logits (Fp16Linear); a Q8_0 vocabulary is looked up in
 the file's own rows (Q8Embedding).
 """
@@ -17,6 +18,8 @@ from __future__ import annotations
 import threading
 
 import torch
+
+from serve_app.engine.q4_native import Q4Weight, q4_kernel
 
 GROUP_SIZE = 32
 # The CPU int4 packing interleaves blocks of 64 output rows: layers whose row counts are all
@@ -51,13 +54,19 @@ class Int4Linear(torch.nn.Module):
         self.out_features, self.in_features = q.shape
         if self.in_features % GROUP_SIZE:
             raise ValueError(f"in_features {self.in_features} is not a multiple of {GROUP_SIZE}")
-        self.packed_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q.to(torch.int32).contiguous(), 1
-        )
-        # [K / 32, N, 2]: the kernel's layout of (scale, zero) per group and output channel.
-        self.scales_and_zeros = (
-            torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
-        )
+        # q4_kernel.c's form where it runs here, else torch's int4 packing (one of the two)
+        self.q4: Q4Weight | None = None
+        self.packed_weight: torch.Tensor | None = None
+        if q4_kernel() is not None:
+            self.q4 = Q4Weight.from_groups(q, scales, zeros)
+        else:
+            self.packed_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.to(torch.int32).contiguous(), 1
+            )
+            # [K / 32, N, 2]: the kernel's layout of (scale, zero) per group and output channel.
+            self.scales_and_zeros = (
+                torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+            )
         self.bias = None if bias is None else bias.detach().float().clone()
         # fp16 copies of the weight's rows, in order (one; or one per layer fused into this one)
         self.fp16_parts: list[Fp16Linear] = []
@@ -71,12 +80,10 @@ class Int4Linear(torch.nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.fp16_parts and (not decode or rows.shape[0] >= self.fp16_min_rows):
             y = self._fp16_matmul(rows).to(x.dtype)
-        elif rows.shape[0] >= DEQUANTIZED_MIN_ROWS and self.out_features % _PACK_BLOCK_ROWS == 0:
+        elif rows.shape[0] >= DEQUANTIZED_MIN_ROWS and self._unpackable():
             y = torch.mm(rows.float(), self._float32_weight_t()).to(x.dtype)  # prefill
         else:
-            y = _int4_matmul(
-                rows.to(torch.bfloat16), self.packed_weight, GROUP_SIZE, self.scales_and_zeros
-            ).to(x.dtype)
+            y = _int4_matmul(self, rows).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -84,10 +91,7 @@ class Int4Linear(torch.nn.Module):
     def add_fp16_copy(self, min_rows: int) -> None:
         """Keeps the weight in fp16 too (the kernel's values, rounded once) for prefill and for
         decode steps of at least min_rows rows."""
-        if self.out_features % _PACK_BLOCK_ROWS == 0:
-            weight = self._float32_weight_t().t()
-        else:
-            weight = self.dequantized()
+        weight = self._float32_weight_t().t() if self._unpackable() else self.dequantized()
         self.fp16_parts = [Fp16Linear(weight)]
         self.fp16_min_rows = min_rows
 
@@ -95,12 +99,20 @@ class Int4Linear(torch.nn.Module):
         outputs = [part(rows) for part in self.fp16_parts]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
+    def _unpackable(self) -> bool:
+        """Whether _float32_weight_t can read this weight back (torch's packing: whole blocks
+        of 64 output rows only)."""
+        return self.q4 is not None or self.out_features % _PACK_BLOCK_ROWS == 0
+
     def _float32_weight_t(self) -> torch.Tensor:
         """The weight the kernel multiplies by, transposed [K, N] float32, unpacked from the
         kernel's layout into this thread's workspace (valid until the next call). The CPU
         packing stores each block of 64 output rows as [2 halves, K, 16 bytes]: byte j of a
         half holds row half*32 + j in its low nibble and row half*32 + 16 + j in its high."""
         n, k = self.out_features, self.in_features
+        if self.q4 is not None:
+            return self.q4.dequantize_into(_float32_workspace(k * n)).t()
+        assert self.packed_weight is not None
         packed = self.packed_weight.view(n // _PACK_BLOCK_ROWS, 2, k, 16).permute(2, 0, 1, 3)
         weight_t = _float32_workspace(k * n)
         nibbles = weight_t.view(k, n // _PACK_BLOCK_ROWS, 2, 32)
@@ -115,6 +127,8 @@ class Int4Linear(torch.nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel multiplies by, [N, K] float32 (for exactness checks)."""
+        if self.q4 is not None:
+            return self.q4.dequantize_into(torch.empty(self.out_features * self.in_features))
         eye = torch.eye(self.in_features, dtype=torch.bfloat16)
         scales_and_zeros = self.scales_and_zeros.float()  # exact: they are bf16 values
         # The kernel's float32 path: its output is not rounded to bf16.
@@ -124,7 +138,11 @@ class Int4Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         copy = f", fp16 copy from {self.fp16_min_rows} rows" if self.fp16_parts else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g32{copy}"
+        kernel = "q4_kernel" if self.q4 is not None else "torch int4"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"int4 g32 ({kernel}){copy}"
+        )
 
 
 class Bf16Linear(torch.nn.Module):
@@ -194,11 +212,14 @@ class Fp16Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16"
 
 
-def _int4_matmul(
-    rows: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor
-) -> torch.Tensor:
-    """The int4 kernel; a module function so tests can see which path a forward takes."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales_and_zeros)
+def _int4_matmul(layer: Int4Linear, rows: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] through the layer's int4 kernel (q4_kernel.c's float32 output, torch's
+    bf16); a module function so tests can see which path a forward takes."""
+    if layer.q4 is not None:
+        return layer.q4.matmul(rows)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(
+        rows.to(torch.bfloat16), layer.packed_weight, GROUP_SIZE, layer.scales_and_zeros
+    )
 
 
 _workspace = threading.local()
@@ -295,9 +316,9 @@ def can_run_int4() -> bool:
 def fuse_int4(linears: list[Int4Linear]) -> Int4Linear | None:
     """One layer computing the given layers' outputs side by side (same input, one kernel
     call); the given layers keep working as views of its weight, so no memory is added.
-    None when a layer's rows do not fill whole packing blocks, they differ in input, or one
-    has a bias (not needed by the models fused so far)."""
-    if any(linear.out_features % _PACK_BLOCK_ROWS or linear.bias is not None for linear in linears):
+    None when a layer's rows do not fill whole blocks of torch's packing, they differ in input,
+    or one has a bias (not needed by the models fused so far)."""
+    if any(linear.bias is not None or not linear._unpackable() for linear in linears):
         return None
     if len({linear.in_features for linear in linears}) != 1:
         return None
@@ -305,8 +326,14 @@ def fuse_int4(linears: list[Int4Linear]) -> Int4Linear | None:
     torch.nn.Module.__init__(fused)
     fused.in_features = linears[0].in_features
     fused.out_features = sum(linear.out_features for linear in linears)
-    fused.packed_weight = torch.cat([linear.packed_weight for linear in linears])
-    fused.scales_and_zeros = torch.cat([linear.scales_and_zeros for linear in linears], dim=1)
+    fused.q4, fused.packed_weight = None, None
+    q4_parts = [linear.q4 for linear in linears if linear.q4 is not None]
+    torch_parts = [linear.packed_weight for linear in linears if linear.packed_weight is not None]
+    if len(q4_parts) == len(linears):
+        fused.q4 = Q4Weight.cat(q4_parts)
+    else:
+        fused.packed_weight = torch.cat(torch_parts)
+        fused.scales_and_zeros = torch.cat([linear.scales_and_zeros for linear in linears], dim=1)
     fused.bias = None
     # fp16 copies stay the layers' own (one each, no second copy): concatenated outputs
     has_copies = all(linear.fp16_parts for linear in linears)
@@ -314,6 +341,10 @@ def fuse_int4(linears: list[Int4Linear]) -> Int4Linear | None:
     fused.fp16_min_rows = max(linear.fp16_min_rows for linear in linears)
     start = 0
     for linear in linears:  # the separate layers now read the fused copy
-        linear.packed_weight = fused.packed_weight[start : start + linear.out_features]
-        start += linear.out_features
+        stop = start + linear.out_features
+        if fused.q4 is not None:
+            linear.q4 = fused.q4.rows(start, stop)
+        elif fused.packed_weight is not None:
+            linear.packed_weight = fused.packed_weight[start:stop]
+        start = stop
     return fused

@@ -10,8 +10,10 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
+from serve_app.engine import quantized_linear
 from serve_app.engine.batch import cache_kv, growing_cache
 from serve_app.engine.llama_decode import LlamaDecodeStep, supports_llama_decode
+from serve_app.engine.q4_native import q4_kernel
 from serve_app.engine.quantized_linear import Int4Linear, can_run_int4, fuse_int4
 from tests.unit.conftest import tiny_llama_config
 
@@ -103,21 +105,48 @@ def _int4(rows: int, cols: int = 128, seed: int = 0) -> Int4Linear:
     return Int4Linear(q, scales, zeros)
 
 
+@pytest.fixture(params=["q4_kernel", "torch int4"])
+def int4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Int4Linear layers built in the test take each kernel in turn."""
+    if request.param == "q4_kernel" and q4_kernel() is None:
+        pytest.skip("q4_kernel.c does not build or run here")
+    if request.param == "torch int4":
+        monkeypatch.setattr(quantized_linear, "q4_kernel", lambda: None)
+    return str(request.param)
+
+
+def _weight_storage(layer: Int4Linear) -> int:
+    return (layer.q4.nibbles if layer.q4 is not None else layer.packed_weight).data_ptr()
+
+
 @pytest.mark.skipif(not can_run_int4(), reason="torch has no CPU int4 kernels")
-def test_fused_int4_layers_multiply_like_the_separate_ones() -> None:
+def test_fused_int4_layers_multiply_like_the_separate_ones(int4_kernel: str) -> None:
     layers = [_int4(128, seed=1), _int4(64, seed=2), _int4(64, seed=3)]
     x = torch.randn(5, 128)
     separate = torch.cat([layer(x) for layer in layers], dim=1)
     fused = fuse_int4(layers)
-    assert fused is not None and fused.out_features == 256
+    assert fused is not None and fused.out_features == 256 and int4_kernel in repr(fused)
     assert torch.equal(fused(x), separate)
     # the originals now read slices of the fused weight: same results, no copy of their own
     assert torch.equal(torch.cat([layer(x) for layer in layers], dim=1), separate)
-    assert layers[1].packed_weight.data_ptr() == fused.packed_weight[128:].data_ptr()
+    start = fused.q4.rows(128, 256).nibbles if fused.q4 is not None else fused.packed_weight[128:]
+    assert _weight_storage(layers[1]) == start.data_ptr()
 
 
 @pytest.mark.skipif(not can_run_int4(), reason="torch has no CPU int4 kernels")
-def test_layers_off_the_packing_blocks_are_not_fused() -> None:
-    # the CPU packing interleaves 64 rows: 96 + 32 concatenated would mix two layers' rows
+def test_layers_off_the_packing_blocks_are_not_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's CPU packing interleaves 64 rows: 96 + 32 concatenated would mix two layers' rows
+    monkeypatch.setattr(quantized_linear, "q4_kernel", lambda: None)
     assert fuse_int4([_int4(96), _int4(32)]) is None
     assert fuse_int4([_int4(64, cols=128), _int4(64, cols=64)]) is None
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+def test_q4_kernel_layers_fuse_at_any_row_count() -> None:
+    """q4_kernel.c keeps each output row's blocks together: any row counts concatenate."""
+    layers = [_int4(96, seed=1), _int4(32, seed=2)]
+    x = torch.randn(3, 128)
+    separate = torch.cat([layer(x) for layer in layers], dim=1)
+    fused = fuse_int4(layers)
+    assert fused is not None and torch.equal(fused(x), separate)
+    assert fuse_int4([_int4(64, cols=128), _int4(64, cols=64)]) is None  # inputs differ

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from serve_app.config import ModelConfig
 from serve_app.engine import quantized_linear
 from serve_app.engine.gguf_weights import int4_groups, load_native_model, write_index
+from serve_app.engine.q4_native import q4_kernel
 from serve_app.engine.quantized_linear import (
     DEQUANTIZED_MIN_ROWS,
     Bf16Linear,
@@ -28,6 +29,39 @@ from serve_app.engine.quantized_linear import (
 from serve_app.model_store import is_native_folder, wants_native_weights
 
 pytestmark = pytest.mark.skipif(not can_run_int4(), reason="torch has no CPU int4 kernels")
+
+
+@pytest.fixture(params=["q4_kernel", "torch int4"])
+def int4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Int4Linear layers built in the test take each kernel in turn (q4_kernel.c where it
+    builds on this machine)."""
+    if request.param == "q4_kernel" and q4_kernel() is None:
+        pytest.skip("q4_kernel.c does not build or run here")
+    if request.param == "torch int4":
+        monkeypatch.setattr(quantized_linear, "q4_kernel", lambda: None)
+    return str(request.param)
+
+
+def _kernel_reference(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
+    """What the layer's kernel computes for x, from its dequantized weight: q4_kernel.c
+    quantizes each row's blocks of 32 to int8 (scale max|x| / 127); torch's kernel rounds the
+    activations to bf16. The products are then exact to float32 accumulation."""
+    if layer.q4 is not None:
+        blocks = x.reshape(*x.shape[:-1], -1, 32)
+        scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
+        steps = torch.where(scale > 0, blocks / scale, torch.zeros_like(blocks)).round()
+        x = (steps * scale).reshape(x.shape)
+    else:
+        x = x.bfloat16().float()
+    reference = x @ layer.dequantized().t()
+    return reference if layer.bias is None else reference + layer.bias
+
+
+def _assert_kernel_result(layer: Int4Linear, x: torch.Tensor, got: torch.Tensor) -> None:
+    """got is the layer's kernel's result for x: to float32 accumulation for q4_kernel.c
+    (float32 out), to bf16 rounding for torch's (bf16 out)."""
+    tolerance = 1e-4 if layer.q4 is not None else 0.02
+    torch.testing.assert_close(got, _kernel_reference(layer, x), atol=tolerance, rtol=tolerance)
 
 
 def _q4k_blocks(rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -61,18 +95,23 @@ def test_int4_groups_reproduce_the_files_values(qtype: T) -> None:
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K])
-def test_int4_linear_multiplies_like_the_dequantized_weight(qtype: T) -> None:
+def test_int4_linear_multiplies_like_the_dequantized_weight(qtype: T, int4_kernel: str) -> None:
     raw = _quantized(qtype)
     q, scales, zeros = (torch.from_numpy(a.astype(np.float32)) for a in int4_groups(raw, qtype))
     layer = Int4Linear(q, scales, zeros)
+    assert int4_kernel in repr(layer)
     reference = torch.from_numpy(dequantize(raw, qtype))
-    # The kernel's weight differs from the file's only by bf16 scales and zeros.
-    assert (layer.dequantized() - reference).abs().max() <= 0.01 * reference.abs().max()
-    x = torch.randn(3, 5, reference.shape[1])
-    expected = x @ reference.t()
-    got = layer(x)
-    assert got.shape == (3, 5, reference.shape[0]) and got.dtype == torch.float32
-    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+    # torch's kernel: the file's values but for bf16 scales and zeros; q4_kernel.c: float32
+    # factors, the file's values to float32 rounding.
+    tolerance = 1e-6 if layer.q4 is not None else 0.01
+    assert (layer.dequantized() - reference).abs().max() <= tolerance * reference.abs().max()
+    for rows in (1, 3, 5, 15):  # a lone row, and 4-row tiles with a remainder
+        x = torch.randn(3, rows, reference.shape[1])
+        expected = x @ reference.t()
+        got = layer(x)
+        assert got.shape == (3, rows, reference.shape[0]) and got.dtype == torch.float32
+        assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+        _assert_kernel_result(layer, x, got)
 
 
 def _int4_layer(rows: int, cols: int, seed: int = 0) -> Int4Linear:
@@ -86,18 +125,20 @@ def _int4_layer(rows: int, cols: int, seed: int = 0) -> Int4Linear:
 def _counting_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Rows of each int4 kernel call from now on."""
     calls: list[int] = []
-    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+    kernel = quantized_linear._int4_matmul
 
-    def counting_kernel(*args: Any) -> torch.Tensor:
-        calls.append(int(args[0].shape[0]))
-        return kernel(*args)
+    def counting_kernel(layer: Int4Linear, rows: torch.Tensor) -> torch.Tensor:
+        calls.append(int(rows.shape[0]))
+        return kernel(layer, rows)
 
     monkeypatch.setattr(quantized_linear, "_int4_matmul", counting_kernel)
     return calls
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (192, 96), (1536, 576)])
-def test_unpacked_float32_weight_is_the_kernels_own(shape: tuple[int, int]) -> None:
+def test_unpacked_float32_weight_is_the_kernels_own(
+    shape: tuple[int, int], int4_kernel: str
+) -> None:
     """The prefill path reads the kernel's packed layout back: every value must be the one the
     kernel multiplies by (a wrong nibble order or row interleave would move whole rows)."""
     layer = _int4_layer(*shape)
@@ -105,7 +146,7 @@ def test_unpacked_float32_weight_is_the_kernels_own(shape: tuple[int, int]) -> N
 
 
 def test_many_rows_multiply_through_the_float32_weight_few_through_the_kernel(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, int4_kernel: str
 ) -> None:
     layer = _int4_layer(128, 64)
     weight = layer.dequantized()
@@ -115,14 +156,14 @@ def test_many_rows_multiply_through_the_float32_weight_few_through_the_kernel(
     assert calls == []  # float32 activations: the exact products, no bf16 rounding
     torch.testing.assert_close(got, many @ weight.t() + layer.bias, atol=1e-5, rtol=1e-5)
     few = torch.randn(3, 64)
-    expected_bf16 = few.bfloat16().float() @ weight.t() + layer.bias
-    torch.testing.assert_close(layer(few), expected_bf16, atol=0.02, rtol=0.02)
+    _assert_kernel_result(layer, few, layer(few))
     assert calls == [3]
 
 
 def test_rows_not_in_whole_packing_blocks_stay_on_the_kernel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(quantized_linear, "q4_kernel", lambda: None)  # torch's packing
     layer = _int4_layer(96, 64)  # the last 32 rows are a partial block of the packing
     calls = _counting_kernel(monkeypatch)
     x = torch.randn(DEQUANTIZED_MIN_ROWS, 64)
@@ -134,7 +175,7 @@ def test_rows_not_in_whole_packing_blocks_stay_on_the_kernel(
 
 @pytest.mark.parametrize("shape", [(128, 64), (96, 64)])  # whole packing blocks, or not
 def test_an_fp16_copy_takes_prefill_and_decode_steps_from_its_min_rows(
-    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch, int4_kernel: str
 ) -> None:
     layer = _int4_layer(*shape)
     weight = layer.dequantized()
@@ -145,12 +186,7 @@ def test_an_fp16_copy_takes_prefill_and_decode_steps_from_its_min_rows(
         return x @ weight.half().float().t() + layer.bias
 
     few = torch.randn(3, shape[1])
-    torch.testing.assert_close(
-        layer(few, decode=True),
-        few.bfloat16().float() @ weight.t() + layer.bias,
-        atol=0.02,
-        rtol=0.02,
-    )
+    _assert_kernel_result(layer, few, layer(few, decode=True))
     assert calls == [3]  # a decode step under min_rows: the int4 kernel
     torch.testing.assert_close(layer(few), by_copy(few), atol=1e-4, rtol=1e-4)  # prefill
     for num_rows in (4, DEQUANTIZED_MIN_ROWS):  # the copy wins over the float32 unpacking too
@@ -161,7 +197,7 @@ def test_an_fp16_copy_takes_prefill_and_decode_steps_from_its_min_rows(
     assert "fp16 copy from 4 rows" in repr(layer)
 
 
-def test_a_fused_layer_multiplies_by_its_parts_fp16_copies() -> None:
+def test_a_fused_layer_multiplies_by_its_parts_fp16_copies(int4_kernel: str) -> None:
     parts = [_int4_layer(128, 64, seed=1), _int4_layer(64, 64, seed=2)]
     for part in parts:
         part.bias = None  # fuse_int4 takes layers without bias

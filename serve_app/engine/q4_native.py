@@ -1,0 +1,159 @@
+"""4-bit weights in GGUF Q4_1 form multiplied by q4_kernel.c (llama.cpp's Q4_1 x Q8_1 dot
+products, AVX2), built once per machine with the C compiler and loaded with ctypes.
+
+On a CPU without bf16 instructions torch's int4 kernel emulates bf16 activations; this one
+quantizes activations to int8 per block of 32 (as llama.cpp does) and multiplies with integer
+instructions: ~3x torch's int4 kernel at one row and ~1.3-1.5x at 4-16 rows on SmolLM2's shapes
+(benchmarks/linear_kernels.py; docs/benchmarks.md, session 19). Its OpenMP loop runs on torch's
+own libgomp team (the library is loaded after torch, which has already loaded libgomp.so.1), so
+torch.set_num_threads and the thread governor apply to it too.
+
+Where there is no C compiler, no AVX2/FMA, or SERVE_APP_INT4_KERNEL=torch, `q4_kernel()` is None
+and Int4Linear keeps torch's int4 kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("q4_kernel.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+GROUP = 32
+KERNEL_ENV = "SERVE_APP_INT4_KERNEL"  # "auto" (default) or "torch"
+
+
+@functools.cache
+def q4_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None where it cannot run here (logged once)."""
+    if os.environ.get(KERNEL_ENV, "auto") == "torch":
+        return None
+    if not _cpu_has("avx2", "fma"):
+        logger.info("int4 layers on torch's kernel: this CPU has no AVX2/FMA")
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        logger.warning("int4 layers on torch's kernel: no C compiler to build q4_kernel.c")
+        return None
+    try:
+        library = ctypes.CDLL(str(_built_library(compiler)))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        logger.warning("int4 layers on torch's kernel: q4_kernel.c did not build: %s", exc)
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.q4_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer]
+    library.q4_dequantize.argtypes = [pointer, pointer, pointer, size, size, pointer]
+    return library
+
+
+def _cpu_has(*flags: str) -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return set(flags) <= set(line.split())
+
+
+def _built_library(compiler: str) -> Path:
+    """The shared library for this source and these flags, compiled once into the kernel cache
+    (under a lock: replicas of several models start together)."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    cache = Path(
+        os.environ.get("SERVE_APP_KERNEL_DIR") or Path.home() / ".cache" / "serve-app" / "kernels"
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    library = cache / f"q4_kernel-{key}.so"
+    if library.exists():
+        return library
+    with open(cache / f"q4_kernel-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not library.exists():
+            partial = library.with_suffix(f".{os.getpid()}.tmp")
+            subprocess.run(
+                [compiler, *FLAGS, "-o", str(partial), str(SOURCE)],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            partial.rename(library)  # atomic: another process sees all of it or none
+    return library
+
+
+class Q4Weight:
+    """One linear layer's weight [N, K] as the kernel reads it: per output row and block of 32
+    inputs, 16 bytes of nibbles (low nibble value j, high nibble value j + 16), w = q * d + m
+    with d, m float32 (the GGUF's fp16 factors exactly)."""
+
+    def __init__(self, nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> None:
+        self.nibbles, self.d, self.m = nibbles, d, m  # [N, K/2] uint8, [N, K/32] float32 x2
+        self.out_features, self.in_features = nibbles.shape[0], nibbles.shape[1] * 2
+
+    @classmethod
+    def from_groups(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> Q4Weight:
+        """From Int4Linear's groups: q [N, K] 0..15, w = (q - 8) * scale + zero per 32."""
+        n, k = q.shape
+        halves = q.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
+        nibbles = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+        d = scales.float().contiguous()
+        return cls(nibbles, d, (zeros.float() - 8 * d).contiguous())
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [M, K] -> [M, N] float32."""
+        kernel = q4_kernel()
+        assert kernel is not None
+        x = rows.float().contiguous()
+        y = torch.empty(x.shape[0], self.out_features)
+        kernel.q4_matmul(
+            x.data_ptr(),
+            x.shape[0],
+            self.in_features,
+            self.nibbles.data_ptr(),
+            self.d.data_ptr(),
+            self.m.data_ptr(),
+            self.out_features,
+            y.data_ptr(),
+        )
+        return y
+
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """The weight as float32 [N, K] written into `out` (numel N * K, contiguous)."""
+        kernel = q4_kernel()
+        assert kernel is not None
+        weight = out.view(self.out_features, self.in_features)
+        kernel.q4_dequantize(
+            self.nibbles.data_ptr(),
+            self.d.data_ptr(),
+            self.m.data_ptr(),
+            self.out_features,
+            self.in_features,
+            weight.data_ptr(),
+        )
+        return weight
+
+    def rows(self, start: int, stop: int) -> Q4Weight:
+        """Output rows start..stop as views of this weight (no copy)."""
+        return Q4Weight(self.nibbles[start:stop], self.d[start:stop], self.m[start:stop])
+
+    @staticmethod
+    def cat(weights: list[Q4Weight]) -> Q4Weight:
+        return Q4Weight(
+            torch.cat([w.nibbles for w in weights]),
+            torch.cat([w.d for w in weights]),
+            torch.cat([w.m for w in weights]),
+        )
