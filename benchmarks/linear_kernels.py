@@ -1,13 +1,14 @@
-"""The CPU matmul kernels native GGUF weights can use, on a model's linear shapes: torch's int4
-kernel (groups of 32), torch's int8 kernel (one scale per output channel), bf16 weights
-prepacked for oneDNN, plain bf16 (F.linear), fp16 weights prepacked for fbgemm (float32
-activations in and out: the output layer's form), float32 (F.linear: what big prefill forwards
-run on int4 weights unpacked to float32) and fbgemm's dynamic int8 (per-channel int8 weights,
-activations quantized per tensor at each call: fast, but see docs/benchmarks.md, session 16,
-for what it does to the model). Random weights (speed does not depend on the
-values); bf16 activations for the others, as the layers run them. Interleaved: each round times
-every kernel once per shape and batch, the figure is the median over rounds. Prints ms per call;
-writes JSON.
+"""The CPU matmul kernels native GGUF weights can use, on a model's linear shapes: q4_kernel.c
+(serve_app/engine/q4_native.py: 4-bit groups of 32, float32 activations in and out, quantized
+to 16 bits per block inside; where it builds), torch's int4 kernel (groups of 32), torch's int8
+kernel (one scale per output channel), bf16 weights prepacked for oneDNN, plain bf16
+(F.linear), fp16 weights prepacked for fbgemm (float32 activations in and out: the output
+layer's form), float32 (F.linear: what big prefill forwards run on int4 weights unpacked to
+float32) and fbgemm's dynamic int8 (per-channel int8 weights, activations quantized per tensor
+at each call: fast, but see docs/benchmarks.md, session 16, for what it does to the model).
+Random weights (speed does not depend on the values); bf16 activations for the others, as the
+layers run them. Interleaved: each round times every kernel once per shape and batch, the
+figure is the median over rounds. Prints ms per call; writes JSON.
 
     flock /tmp/serve-app-bench.lock .venv/bin/python benchmarks/linear_kernels.py --rounds 3
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from serve_app.engine.q4_native import Q4Weight, q4_kernel
 from serve_app.engine.quantized_linear import _bf16_packing_available
 
 # Gemma-3-270m: q, gate/up, down, the tied vocabulary head; SmolLM2-135M: gate/up, head.
@@ -73,6 +75,13 @@ def kernels(rows: int, cols: int, batch: int) -> dict[str, Callable[[], object]]
             x_float, int8_dynamic, True
         ),
     }
+    if q4_kernel() is not None:
+        q4 = Q4Weight.from_groups(
+            torch.randint(0, 16, (rows, cols)),
+            torch.rand(rows, cols // 32) * 0.01,
+            torch.randn(rows, cols // 32) * 0.01,
+        )
+        found["q4_kernel"] = lambda: q4.matmul(x_float)
     if packed is not None:
         found["bf16 packed"] = lambda: torch.ops.mkldnn._linear_pointwise(
             x, packed, None, "none", [], ""
