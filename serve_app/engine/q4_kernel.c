@@ -7,6 +7,10 @@
  * Activations, per row r and block b: x ~= dx * qx (qx int16, |qx| <= QMAX), and
  * sum_b(w . x) = d * dx * sum(q * qx) + m * (dx * sum(qx)).
  *
+ * From F32_MIN_ROWS activation rows on, each weight block is decoded to float32 once and
+ * multiplied with up to F32_TILE rows of float32 activations (exact to float32 rounding;
+ * ~1.1-1.3x the 16-bit path at 8-32 rows, slower below 8: benchmarks/linear_kernels.py).
+ *
  * Output rows are split over the OpenMP threads of the calling thread's team; built against the
  * libgomp torch has loaded, it is torch's own pool and follows torch.set_num_threads.
  * Compiled and loaded by q4_native.py.
@@ -18,7 +22,9 @@
 #include <string.h>
 
 #define QK 32
-#define ROW_TILE 4 /* activation rows sharing one decoded weight block */
+#define ROW_TILE 4 /* activation rows sharing one decoded weight block (16-bit path) */
+#define F32_TILE 8 /* the same for the float path: 4 weight + 8 accumulator registers */
+#define F32_MIN_ROWS 8 /* from this many rows on, weights are decoded to float32 instead */
 #define QMAX 32767.0f
 
 static inline float hsum(__m256 v) {
@@ -121,9 +127,60 @@ static inline void dot_tile(const uint8_t *qs, const float *d, const float *m, i
     for (int r = 0; r < tile; r++) out[r] = hsum(acc[r]) + dot_floats(m, sx + r * nb, nb);
 }
 
+/* A block's 32 weights as float32 (q * d + m) in four registers: values 0-7, 8-15, 16-23, 24-31. */
+static inline void decode_block_f32(const uint8_t *qs, float d, float m, __m256 w[4]) {
+    const __m128i packed = _mm_loadu_si128((const __m128i *)qs);
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(packed, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, mv);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv);
+}
+
+/* y[r, n] for rows 0 .. tile of float32 activations x (row stride k) and one output row n:
+ * each block decoded once to float32, then 4 FMAs per row (exact to float32 accumulation). */
+static inline void dot_tile_f32(const uint8_t *qs, const float *d, const float *m, int64_t nb,
+                                const float *x, int64_t k, int tile, float *out) {
+    __m256 acc[F32_TILE];
+    for (int r = 0; r < tile; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256 w[4];
+        decode_block_f32(qs + b * 16, d[b], m[b], w);
+        for (int r = 0; r < tile; r++) {
+            const float *xb = x + r * k + b * QK;
+            __m256 a = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), acc[r]);
+            a = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), a);
+            a = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), a);
+            acc[r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), a);
+        }
+    }
+    for (int r = 0; r < tile; r++) out[r] = hsum(acc[r]);
+}
+
+static void matmul_f32(const float *x, int64_t rows, int64_t k, const uint8_t *qs,
+                       const float *d, const float *m, int64_t n, float *y) {
+    const int64_t nb = k / QK;
+#pragma omp parallel for schedule(static)
+    for (int64_t j = 0; j < n; j++) {
+        float out[F32_TILE];
+        for (int64_t r0 = 0; r0 < rows; r0 += F32_TILE) {
+            const int tile = rows - r0 < F32_TILE ? (int)(rows - r0) : F32_TILE;
+            dot_tile_f32(qs + j * nb * 16, d + j * nb, m + j * nb, nb, x + r0 * k, k, tile, out);
+            for (int r = 0; r < tile; r++) y[(r0 + r) * n + j] = out[r];
+        }
+    }
+}
+
 /* x [rows, k] float32, qs [n, k / 2] bytes, d and m [n, k / 32] float32, y [rows, n] float32. */
 void q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *qs, const float *d,
                const float *m, int64_t n, float *y) {
+    if (rows >= F32_MIN_ROWS) {
+        matmul_f32(x, rows, k, qs, d, m, n, y);
+        return;
+    }
     const int64_t nb = k / QK;
     int16_t *qx = malloc(sizeof(int16_t) * (size_t)(rows * k));
     float *dx = malloc(sizeof(float) * (size_t)(rows * nb));

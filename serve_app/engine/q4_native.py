@@ -55,6 +55,7 @@ def q4_kernel() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.q4_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer]
     library.q4_dequantize.argtypes = [pointer, pointer, pointer, size, size, pointer]
+    logger.info("int4 layers on q4_kernel.c (%s)", library._name)
     return library
 
 

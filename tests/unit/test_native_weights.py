@@ -43,16 +43,18 @@ def int4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 
 
 def _kernel_reference(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
-    """What the layer's kernel computes for x, from its dequantized weight: q4_kernel.c
-    quantizes each row's blocks of 32 to int8 (scale max|x| / 127); torch's kernel rounds the
-    activations to bf16. The products are then exact to float32 accumulation."""
-    if layer.q4 is not None:
+    """What the layer's kernel computes for x, from its dequantized weight: q4_kernel.c, under
+    8 rows, quantizes each row's blocks of 32 to int16 (scale max|x| / 32767) and from 8 rows on
+    takes them as they are; torch's kernel rounds the activations to bf16. The products are then
+    exact to float32 accumulation."""
+    num_rows = x.reshape(-1, x.shape[-1]).shape[0]
+    if layer.q4 is None:
+        x = x.bfloat16().float()
+    elif num_rows < 8:
         blocks = x.reshape(*x.shape[:-1], -1, 32)
-        scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
+        scale = blocks.abs().amax(dim=-1, keepdim=True) / 32767
         steps = torch.where(scale > 0, blocks / scale, torch.zeros_like(blocks)).round()
         x = (steps * scale).reshape(x.shape)
-    else:
-        x = x.bfloat16().float()
     reference = x @ layer.dequantized().t()
     return reference if layer.bias is None else reference + layer.bias
 
@@ -105,11 +107,11 @@ def test_int4_linear_multiplies_like_the_dequantized_weight(qtype: T, int4_kerne
     # factors, the file's values to float32 rounding.
     tolerance = 1e-6 if layer.q4 is not None else 0.01
     assert (layer.dequantized() - reference).abs().max() <= tolerance * reference.abs().max()
-    for rows in (1, 3, 5, 15):  # a lone row, and 4-row tiles with a remainder
-        x = torch.randn(3, rows, reference.shape[1])
+    for rows in (1, 2, 3, 5, 15):  # the 16-bit path (1-7 rows; 4-row tiles), the float one
+        x = torch.randn(1 if rows < 8 else 3, rows, reference.shape[1])
         expected = x @ reference.t()
         got = layer(x)
-        assert got.shape == (3, rows, reference.shape[0]) and got.dtype == torch.float32
+        assert got.shape == (*x.shape[:2], reference.shape[0]) and got.dtype == torch.float32
         assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
         _assert_kernel_result(layer, x, got)
 
