@@ -170,7 +170,7 @@ def weight_differences(model: Any, directory: Path) -> dict[str, dict[str, float
         reference = dequantized(raw, qtype)
         compared = [(module, type(module).__name__)]
         if module is model.get_input_embeddings() and f"{head_name}.weight" not in tensors:
-            compared.append((head, "Fp16Linear tied head"))
+            compared.append((head, f"{type(head).__name__} tied head"))
         for layer, form in compared:
             diff = float((layer.dequantized() - reference).abs().max())
             entry = found.setdefault(

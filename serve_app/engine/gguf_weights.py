@@ -22,6 +22,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 
 from serve_app.engine.packed_linear import PackedLinear
+from serve_app.engine.q4_native import q4_kernel
 from serve_app.engine.quantized_linear import (
     GROUP_SIZE,
     Bf16Embedding,
@@ -29,6 +30,7 @@ from serve_app.engine.quantized_linear import (
     Fp16Linear,
     Int4Linear,
     Q8Embedding,
+    Q8Linear,
 )
 
 logger = logging.getLogger(__name__)
@@ -307,8 +309,9 @@ def _place_vocabulary(
     directory: Path,
     report: LoadReport,
 ) -> None:
-    """The embedding lookup on the file's Q8_0 rows, mapped (other types: a bf16 table); the
-    output layer, tied or not, in fp16 with float32 logits (Fp16Linear says why)."""
+    """The embedding lookup on the file's Q8_0 rows, mapped (other types: a bf16 table); a tied
+    output layer on the same rows where q4_kernel.c runs (Q8Linear), else, tied or not, in fp16
+    with float32 logits (Fp16Linear says why)."""
     embeddings = model.get_input_embeddings()
     name = next(n for n, p in model.named_parameters() if p is embeddings.weight)
     head = model.get_output_embeddings()
@@ -317,7 +320,12 @@ def _place_vocabulary(
     qtype, raw = tensors.pop(name)
     scale = getattr(embeddings, "embed_scale", None)
     scale = scale if torch.is_tensor(scale) else None
-    if tied:
+    rows = _mapped_rows(directory, VOCABULARY_TENSOR) if qtype == T.Q8_0 else None
+    rows = rows if rows is not None and rows.shape[0] == raw.shape[0] else None
+    if tied and rows is not None and q4_kernel() is not None:
+        model.set_output_embeddings(Q8Linear(rows))
+        report.add(qtype, "Q8_0 rows tied head")
+    elif tied:
         model.set_output_embeddings(Fp16Linear(_values(qtype, raw, torch.float16)))
         report.add(qtype, "fp16 tied head")
     elif head_name is not None:
@@ -326,8 +334,7 @@ def _place_vocabulary(
         values = _values(head_qtype, head_raw, torch.float16)
         model.set_output_embeddings(Fp16Linear(values, head_bias))
         report.add(head_qtype, "fp16 head")
-    rows = _mapped_rows(directory, VOCABULARY_TENSOR) if qtype == T.Q8_0 else None
-    if rows is not None and rows.shape[0] == raw.shape[0]:
+    if rows is not None:
         model.set_input_embeddings(Q8Embedding(rows, scale))
         report.add(qtype, "Q8_0 rows embedding")
     else:

@@ -30,7 +30,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4_kernel.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 GROUP = 32
 KERNEL_ENV = "SERVE_APP_INT4_KERNEL"  # "auto" (default) or "torch"
 
@@ -40,8 +40,8 @@ def q4_kernel() -> ctypes.CDLL | None:
     """The compiled kernel library, or None where it cannot run here (logged once)."""
     if os.environ.get(KERNEL_ENV, "auto") == "torch":
         return None
-    if not _cpu_has("avx2", "fma"):
-        logger.info("int4 layers on torch's kernel: this CPU has no AVX2/FMA")
+    if not _cpu_has("avx2", "fma", "f16c"):
+        logger.info("int4 layers on torch's kernel: this CPU has no AVX2/FMA/F16C")
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
@@ -55,6 +55,7 @@ def q4_kernel() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.q4_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer]
     library.q4_dequantize.argtypes = [pointer, pointer, pointer, size, size, pointer]
+    library.q8_matmul.argtypes = [pointer, size, size, pointer, size, size, pointer]
     logger.info("int4 layers on q4_kernel.c (%s)", library._name)
     return library
 
@@ -158,3 +159,23 @@ class Q4Weight:
             torch.cat([w.d for w in weights]),
             torch.cat([w.m for w in weights]),
         )
+
+
+def q8_matmul(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] float32 times Q8_0 rows `blocks` [N, K / 32 * 34] (the GGUF's own bytes:
+    per block of 32 an fp16 scale, then 32 int8) transposed -> [M, N] float32."""
+    kernel = q4_kernel()
+    assert kernel is not None
+    x = rows.float().contiguous()
+    num_outputs, row_bytes = blocks.shape
+    y = torch.empty(x.shape[0], num_outputs)
+    kernel.q8_matmul(
+        x.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        blocks.data_ptr(),
+        row_bytes,
+        num_outputs,
+        y.data_ptr(),
+    )
+    return y

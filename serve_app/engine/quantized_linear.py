@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from serve_app.engine.q4_native import Q4Weight, q4_kernel
+from serve_app.engine.q4_native import Q4Weight, q4_kernel, q8_matmul
 
 GROUP_SIZE = 32
 # The CPU int4 packing interleaves blocks of 64 output rows: layers whose row counts are all
@@ -210,6 +210,36 @@ class Fp16Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16"
+
+
+class Q8Linear(torch.nn.Module):
+    """y = x @ w.T with w the GGUF's own Q8_0 rows (per 32 values an fp16 scale, then 32 int8),
+    multiplied by q4_kernel.c's q8_matmul (activations quantized to 16 bits per block of 32,
+    float32 logits). For a tied output layer: it reads the same mapped rows as the Q8Embedding
+    lookup, so the vocabulary is in memory once, at half the bytes of an fp16 copy (a decode
+    step reads all of it), and its values are the file's exactly."""
+
+    BLOCK_BYTES = 34
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.rows = rows  # [N, K / 32 * 34] uint8, may be a map of the file
+        self.out_features = rows.shape[0]
+        self.in_features = rows.shape[1] // self.BLOCK_BYTES * GROUP_SIZE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = q8_matmul(x.reshape(-1, self.in_features), self.rows)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight [N, K] as float32 (exactness checks)."""
+        blocks = self.rows.view(-1, self.BLOCK_BYTES)
+        scales = blocks[:, :2].contiguous().view(torch.float16).float()
+        values = blocks[:, 2:].contiguous().view(torch.int8).float() * scales
+        return values.view(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 rows"
 
 
 def _int4_matmul(layer: Int4Linear, rows: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from serve_app.engine.quantized_linear import (
     Fp16Linear,
     Int4Linear,
     Q8Embedding,
+    Q8Linear,
     can_run_int4,
 )
 from serve_app.model_store import is_native_folder, wants_native_weights
@@ -215,6 +216,23 @@ def test_a_fused_layer_multiplies_by_its_parts_fp16_copies(int4_kernel: str) -> 
     assert without is not None and without.fp16_parts == []  # one part has no copy: none
 
 
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+def test_q8_head_multiplies_by_the_files_rows_exactly() -> None:
+    """The tied head on Q8_0 rows: its weight is the file's values (no fp16 rounding), and its
+    logits are those products to float32 accumulation and 16-bit activation steps, for one row
+    (a decode step), a 4-row tile and a remainder."""
+    weight = np.random.default_rng(2).normal(0, 0.05, (80, 96)).astype(np.float32)
+    raw = quantize(weight, T.Q8_0)
+    head = Q8Linear(torch.from_numpy(raw))
+    reference = torch.from_numpy(dequantize(raw, T.Q8_0))
+    assert torch.equal(head.dequantized(), reference)
+    for rows in (1, 4, 7, 16):
+        x = torch.randn(rows, 96)
+        got = head(x)
+        assert got.shape == (rows, 80) and got.dtype == torch.float32
+        torch.testing.assert_close(got, x @ reference.t(), atol=1e-4, rtol=1e-4)
+
+
 def test_bf16_linear_multiplies_like_its_weight_rounded_to_bf16() -> None:
     torch.manual_seed(0)
     weight, bias = torch.randn(40, 64), torch.randn(40)
@@ -348,9 +366,10 @@ def test_native_load_gives_transformers_dequantized_logits(tiny_gguf: Path, tmp_
     folder = native_folder(tiny_gguf, tmp_path / "native")
     assert is_native_folder(folder)
     native, report = load_native_model(folder, AutoModelForCausalLM)
+    tied_head = "Q8_0 rows tied head" if q4_kernel() is not None else "fp16 tied head"
     assert report.forms == {
         "Q8_0->Q8_0 rows embedding": 1,
-        "Q8_0->fp16 tied head": 1,
+        f"Q8_0->{tied_head}": 1,
         "Q4_0->int4": 2 * LAYERS,
         "Q4_1->int4": 3 * LAYERS,
         "Q8_0->bf16": LAYERS,
@@ -358,9 +377,11 @@ def test_native_load_gives_transformers_dequantized_logits(tiny_gguf: Path, tmp_
         "F32->float32": 2 * LAYERS + 1,
     }
     assert isinstance(native.model.layers[0].self_attn.q_proj, Int4Linear)
-    assert isinstance(native.lm_head, Fp16Linear)
+    assert isinstance(native.lm_head, Q8Linear if q4_kernel() is not None else Fp16Linear)
     assert isinstance(native.model.layers[0].mlp.gate_proj, Bf16Linear)  # Q5_0
     assert isinstance(native.get_input_embeddings(), Q8Embedding)
+    if isinstance(native.lm_head, Q8Linear):  # the lookup's own rows: no second copy
+        assert native.lm_head.rows is native.get_input_embeddings().rows
     assert not any(p.device.type == "meta" for p in native.parameters())
 
     reference = AutoModelForCausalLM.from_pretrained(
@@ -516,7 +537,7 @@ def test_prepare_native_writes_no_weights_and_follows_a_moved_file(
     assert is_native_folder(folder) and folder.parent.name == "native"
     assert (folder / "config.json").exists() and not list(folder.glob("*.safetensors"))
     model, _ = load_native_model(folder, AutoModelForCausalLM)
-    assert isinstance(model.lm_head, Fp16Linear)
+    assert isinstance(model.lm_head, Q8Linear if q4_kernel() is not None else Fp16Linear)
 
     moved = tmp_path / "b" / "tiny.gguf"  # same bytes, same cache key, another place
     moved.parent.mkdir()
