@@ -105,6 +105,8 @@ class Q4Weight:
     def __init__(self, nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> None:
         self.nibbles, self.d, self.m = nibbles, d, m  # [N, K/2] uint8, [N, K/32] float32 x2
         self.out_features, self.in_features = nibbles.shape[0], nibbles.shape[1] * 2
+        # the addresses the kernel reads, taken once (these tensors are never resized)
+        self._pointers = (nibbles.data_ptr(), d.data_ptr(), m.data_ptr())
 
     @classmethod
     def from_groups(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> Q4Weight:
@@ -121,16 +123,9 @@ class Q4Weight:
         assert kernel is not None
         x = rows.float().contiguous()
         y = torch.empty(x.shape[0], self.out_features)
-        kernel.q4_matmul(
-            x.data_ptr(),
-            x.shape[0],
-            self.in_features,
-            self.nibbles.data_ptr(),
-            self.d.data_ptr(),
-            self.m.data_ptr(),
-            self.out_features,
-            y.data_ptr(),
-        )
+        nibbles, d, m = self._pointers
+        size = (x.shape[0], self.in_features, self.out_features)
+        kernel.q4_matmul(x.data_ptr(), size[0], size[1], nibbles, d, m, size[2], y.data_ptr())
         return y
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,18 @@ class Int4Linear(torch.nn.Module):
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
+    def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """forward(rows, decode=True) for a decode step's 2-D float32 rows, with the common case
+        (q4_kernel.c, no bias, under the copy's rows) first: the written-out step calls this
+        ~120 times a step, and forward's general checks cost ~10 us a call at one row."""
+        if (
+            self.q4 is not None
+            and self.bias is None
+            and not (self.fp16_parts and rows.shape[0] >= self.fp16_min_rows)
+        ):
+            return _int4_matmul(self, rows)
+        return self.forward(rows, decode=True)
+
     def add_fp16_copy(self, min_rows: int) -> None:
         """Keeps the weight in fp16 too (the kernel's values, rounded once) for prefill and for
         decode steps of at least min_rows rows."""
