@@ -9,8 +9,9 @@ forwards (DEQUANTIZED_MIN_ROWS tokens or more) multiply int4 layers by their wei
 to float32 instead (the same values), or, where the model keeps fp16 copies
 (fp16_copy_min_rows), every prefill forward and the decode steps of that many rows or more
 multiply by the copy (fbgemm's fp16 GEMM).
-The output layer is fp16 with float32 logits (Fp16Linear); a Q8_0 vocabulary is looked up in
-the file's own rows (Q8Embedding).
+A Q8_0 vocabulary is looked up in the file's own rows (Q8Embedding), and a tied output layer
+multiplies by those same rows where q4_kernel.c runs (Q8Linear); otherwise the output layer is
+fp16 (Fp16Linear). Logits are float32 either way.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ GROUP_SIZE = 32
 # multiples of it can be packed apart and concatenated (checked against packing them together).
 _PACK_BLOCK_ROWS = 64
 # From this many rows (tokens) on, an Int4Linear multiplies by its weight dequantized to float32
-# (float32 sgemm) instead of the int4 kernel. On CPUs without bf16 instructions (this AVX2 VM)
-# the int4 kernel does ~75 GFLOP/s at any batch, float32 sgemm ~150 once rows are many, and
-# dequantizing all of SmolLM2's 4-bit weights costs ~110 ms a forward: the crossover is ~160
-# rows; prefill forwards of 192-512 tokens are 1.4-1.6x faster (benchmarks/prefill_kernels.py).
+# (float32 sgemm) instead of the int4 kernel. Measured with torch's kernel (not yet again with
+# q4_kernel.c's float path): on CPUs without bf16 instructions (this AVX2 VM) torch's int4
+# kernel does ~75 GFLOP/s at any batch, float32 sgemm ~150 once rows are many, and dequantizing
+# all of SmolLM2's 4-bit weights costs ~110 ms a forward: the crossover is ~160 rows; prefill
+# forwards of 192-512 tokens are 1.4-1.6x faster (benchmarks/prefill_kernels.py).
 DEQUANTIZED_MIN_ROWS = 192
 # An Int4Linear may also hold an fp16 copy of its weight (add_fp16_copies, engine option
 # fp16_copy_min_rows). In a whole decode step the int4 kernel wins at a few rows: the copy is ~3.3
