@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from serve_app.engine.q4_native import rms_norm
 from serve_app.engine.quantized_linear import Int4Linear, fuse_int4
 
 OnLayer = Callable[[], None]
@@ -60,7 +61,7 @@ class LlamaDecodeStep:
         if on_layer is not None:
             on_layer()
         weight, eps = self.final_norm
-        return self.lm_head(F.rms_norm(hidden, weight.shape, weight, eps))
+        return self.lm_head(rms_norm(hidden, weight, eps))
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and the signed sin [rows, 1, head_dim] for `rotate_half` done as a flip:
@@ -101,7 +102,7 @@ class _Layer:
     ) -> torch.Tensor:
         rows, dim = int(hidden.shape[0]), self.head_dim
         weight, eps = self.input_norm
-        qk, v = self._qkv(F.rms_norm(hidden, weight.shape, weight, eps), rows)
+        qk, v = self._qkv(rms_norm(hidden, weight, eps), rows)
         # q and k rotated in one go, [rows, heads + kv_heads, dim]
         qk = qk * cos + qk.view(rows, -1, 2, dim // 2).flip(2).view(rows, -1, dim) * signed_sin
         keys, values = cache_layer.update(qk[:, self.num_heads :].unsqueeze(2), v)
@@ -115,7 +116,7 @@ class _Layer:
         )
         hidden = hidden + _project(self.o_proj, attended.reshape(rows, -1))
         weight, eps = self.post_norm
-        gate, up = self._gate_up(F.rms_norm(hidden, weight.shape, weight, eps))
+        gate, up = self._gate_up(rms_norm(hidden, weight, eps))
         return hidden + _project(self.down_proj, F.silu(gate) * up)
 
     def _qkv(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,6 +56,7 @@ def q4_kernel() -> ctypes.CDLL | None:
     library.q4_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer]
     library.q4_dequantize.argtypes = [pointer, pointer, pointer, size, size, pointer]
     library.q8_matmul.argtypes = [pointer, size, size, pointer, size, size, pointer]
+    library.rms_norm.argtypes = [pointer, size, size, pointer, ctypes.c_float, pointer]
     logger.info("int4 layers on q4_kernel.c (%s)", library._name)
     return library
 
@@ -173,4 +174,16 @@ def q8_matmul(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         num_outputs,
         y.data_ptr(),
     )
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, weight.shape, weight, eps) for float32 rows [M, D] in one C call (torch's
+    takes ~30 us a call at one row; this ~4)."""
+    kernel = q4_kernel()
+    if kernel is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 2:
+        return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
+    rows, w = x.contiguous(), weight.contiguous()
+    y = torch.empty_like(rows)
+    kernel.rms_norm(rows.data_ptr(), rows.shape[0], rows.shape[1], w.data_ptr(), eps, y.data_ptr())
     return y

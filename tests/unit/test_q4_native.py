@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from serve_app.engine import q4_native
-from serve_app.engine.q4_native import KERNEL_ENV, Q4Weight, q4_kernel
+from serve_app.engine.q4_native import KERNEL_ENV, Q4Weight, q4_kernel, rms_norm
 
 
 @pytest.fixture
@@ -71,3 +71,18 @@ def test_the_kernel_multiplies_by_the_exact_weight_with_16_bit_activations() -> 
     small_part = (x.clone().index_fill_(1, torch.arange(0, 96, 32), 0.0)).double()
     small = small_part @ exact.view(40, 96).double().t()
     assert (got.double() - expected).abs().max() < 0.1 * small.abs().max()
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+@pytest.mark.parametrize("shape", [(1, 576), (3, 70), (16, 64)])
+def test_rms_norm_gives_torchs_rms_norm(shape: tuple[int, int]) -> None:
+    generator = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(*shape, generator=generator) * 3
+    weight = torch.randn(shape[1], generator=generator)
+    expected = torch.nn.functional.rms_norm(x, weight.shape, weight, 1e-5)
+    torch.testing.assert_close(rms_norm(x, weight, 1e-5), expected, atol=1e-6, rtol=1e-5)
+    half = x.bfloat16()  # other dtypes: torch's own
+    torch.testing.assert_close(
+        rms_norm(half, weight.bfloat16(), 1e-5),
+        torch.nn.functional.rms_norm(half, weight.shape, weight.bfloat16(), 1e-5),
+    )
