@@ -27,7 +27,7 @@ from serve_app.ports import free_port
 
 def one_run(tree: Path, out: Path, label: str) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="empty-home-"))
-    env = {**targets.child_env(), "HOME": str(home), "PYTHONPATH": str(tree)}
+    env = {"HOME": str(home), "PYTHONPATH": str(tree)}
     config = yaml.safe_load((tree / "config/serve.yaml").read_text())
     port = free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
@@ -39,32 +39,21 @@ def one_run(tree: Path, out: Path, label: str) -> dict[str, Any]:
             subprocess.run(
                 [str(targets.VENV_BIN / "serve-app"), "pull", "--config", str(config_path)],
                 cwd=tree,
-                env=env,
+                env={**targets.child_env(), **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 check=True,
                 timeout=600,
             )
         pulled = time.perf_counter()
+        command = [str(targets.VENV_BIN / "serve"), "run", str(config_path)]
         log_path = out / f"{label}-run.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [str(targets.VENV_BIN / "serve"), "run", str(config_path)],
-                cwd=tree,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        server = targets.Server(label, process, f"http://127.0.0.1:{port}", "", log_path)
-        try:
-            targets.wait_healthy(server, 600)
-            healthy = time.perf_counter()
-        finally:
-            targets.stop(process)
+        with targets.running(label, command, port, "", log_path, 600, env, cwd=tree) as server:
+            start_s = server.ready_s
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    return {"pull_s": pulled - started, "start_s": healthy - pulled, "total_s": healthy - started}
+    pull_s = pulled - started
+    return {"pull_s": pull_s, "start_s": start_s, "total_s": pull_s + start_s}
 
 
 def main() -> None:

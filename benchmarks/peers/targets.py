@@ -142,14 +142,15 @@ def running(
     log_path: Path,
     timeout_s: float,
     env: dict[str, str] | None = None,
+    cwd: Path = REPO_ROOT,
 ) -> Iterator[Server]:
-    """Starts a server in its own session (child_env() plus `env`), waits for GET /health 200,
-    stops its group after."""
+    """Starts a server in its own session (child_env() plus `env`) in `cwd` (`serve run` puts
+    it first on the import path), waits for GET /health 200, stops its group after."""
     started = time.perf_counter()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command,
-            cwd=REPO_ROOT,
+            cwd=cwd,
             env={**child_env(), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,

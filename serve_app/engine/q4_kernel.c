@@ -59,6 +59,29 @@ static void quantize_row(const float *x, int64_t k, int16_t *qx, float *dx, floa
     }
 }
 
+/* Every row's activations quantized (quantize_row), in buffers free_activations releases. */
+typedef struct {
+    int16_t *q;
+    float *d, *s;
+} activations16;
+
+static activations16 quantize_rows(const float *x, int64_t rows, int64_t k) {
+    const int64_t nb = k / QK;
+    activations16 a;
+    a.q = malloc(sizeof(int16_t) * (size_t)(rows * k));
+    a.d = malloc(sizeof(float) * (size_t)(rows * nb));
+    a.s = malloc(sizeof(float) * (size_t)(rows * nb));
+    for (int64_t r = 0; r < rows; r++)
+        quantize_row(x + r * k, k, a.q + r * k, a.d + r * nb, a.s + r * nb);
+    return a;
+}
+
+static void free_activations(activations16 a) {
+    free(a.q);
+    free(a.d);
+    free(a.s);
+}
+
 /* A block's 32 weights as int16: values 0..15 (low nibbles), then 16..31 (high nibbles). */
 typedef struct {
     __m256i lo, hi;
@@ -182,11 +205,9 @@ void q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *qs, const
         return;
     }
     const int64_t nb = k / QK;
-    int16_t *qx = malloc(sizeof(int16_t) * (size_t)(rows * k));
-    float *dx = malloc(sizeof(float) * (size_t)(rows * nb));
-    float *sx = malloc(sizeof(float) * (size_t)(rows * nb));
-    for (int64_t r = 0; r < rows; r++)
-        quantize_row(x + r * k, k, qx + r * k, dx + r * nb, sx + r * nb);
+    const activations16 a = quantize_rows(x, rows, k);
+    const int16_t *qx = a.q;
+    const float *dx = a.d, *sx = a.s;
 #pragma omp parallel for schedule(static)
     for (int64_t j = 0; j < n; j++) {
         float out[ROW_TILE];
@@ -197,9 +218,7 @@ void q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *qs, const
             for (int r = 0; r < tile; r++) y[(r0 + r) * n + j] = out[r];
         }
     }
-    free(qx);
-    free(dx);
-    free(sx);
+    free_activations(a);
 }
 
 /* The weight as float32 [n, k] (exactness checks and big prefill forwards). */
@@ -244,11 +263,9 @@ static inline float fp16_scale(const uint8_t *block) {
 void q8_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t row_bytes,
                int64_t n, float *y) {
     const int64_t nb = k / QK;
-    int16_t *qx = malloc(sizeof(int16_t) * (size_t)(rows * k));
-    float *dx = malloc(sizeof(float) * (size_t)(rows * nb));
-    float *sx = malloc(sizeof(float) * (size_t)(rows * nb));
-    for (int64_t r = 0; r < rows; r++)
-        quantize_row(x + r * k, k, qx + r * k, dx + r * nb, sx + r * nb);
+    const activations16 a = quantize_rows(x, rows, k);
+    const int16_t *qx = a.q;
+    const float *dx = a.d; /* Q8_0 has no minimum: the blocks' sums are not needed */
 #pragma omp parallel for schedule(static)
     for (int64_t j = 0; j < n; j++) {
         const uint8_t *wj = w + j * row_bytes;
@@ -268,9 +285,7 @@ void q8_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_
             for (int r = 0; r < tile; r++) y[(r0 + r) * n + j] = hsum(acc[r]);
         }
     }
-    free(qx);
-    free(dx);
-    free(sx);
+    free_activations(a);
 }
 
 /* ---- RMSNorm of a decode step's rows: y = x / sqrt(mean(x^2) + eps) * w ----
