@@ -1,15 +1,17 @@
-"""4-bit weights in GGUF Q4_1 form multiplied by q4_kernel.c (llama.cpp's Q4_1 x Q8_1 dot
-products, AVX2), built once per machine with the C compiler and loaded with ctypes.
+"""The C kernels of native GGUF weights (q4_kernel.c), built once per machine with the C
+compiler and loaded with ctypes: 4-bit weights in Q4_1 form (Int4Linear), Q8_0 rows (a tied
+output layer, Q8Linear) and the decode step's RMSNorm.
 
-On a CPU without bf16 instructions torch's int4 kernel emulates bf16 activations; this one
-quantizes activations to int8 per block of 32 (as llama.cpp does) and multiplies with integer
-instructions: ~3x torch's int4 kernel at one row and ~1.3-1.5x at 4-16 rows on SmolLM2's shapes
-(benchmarks/linear_kernels.py; docs/benchmarks.md, session 19). Its OpenMP loop runs on torch's
-own libgomp team (the library is loaded after torch, which has already loaded libgomp.so.1), so
-torch.set_num_threads and the thread governor apply to it too.
+On a CPU without bf16 instructions torch's int4 kernel emulates bf16 activations. q4_kernel.c
+multiplies with integer instructions on activations quantized to 16 bits per block of 32 (8
+bits, llama.cpp's choice, failed SmolLM2's quality guard), and from 8 rows on with float32 FMAs
+on blocks decoded once: 1.4-2x torch's int4 kernel at one row and 1.1-1.4x at 8-16 rows on
+SmolLM2's shapes (benchmarks/linear_kernels.py; docs/benchmarks.md, session 19). Its OpenMP
+loops run on torch's own libgomp team (the library is loaded after torch, which has already
+loaded libgomp.so.1), so torch.set_num_threads and the thread governor apply to them too.
 
-Where there is no C compiler, no AVX2/FMA, or SERVE_APP_INT4_KERNEL=torch, `q4_kernel()` is None
-and Int4Linear keeps torch's int4 kernel.
+Where there is no C compiler, no AVX2/FMA/F16C, or SERVE_APP_INT4_KERNEL=torch, `q4_kernel()` is
+None and the layers keep torch's int4 kernel and an fp16 head.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def q4_kernel() -> ctypes.CDLL | None:
         return None
     try:
         library = ctypes.CDLL(str(_built_library(compiler)))
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except (OSError, subprocess.SubprocessError) as exc:  # a failed or timed-out compile too
         logger.warning("int4 layers on torch's kernel: q4_kernel.c did not build: %s", exc)
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
@@ -113,7 +115,7 @@ class Q4Weight:
     def from_groups(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> Q4Weight:
         """From Int4Linear's groups: q [N, K] 0..15, w = (q - 8) * scale + zero per 32."""
         n, k = q.shape
-        halves = q.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
+        halves = q.to(torch.uint8).reshape(n, k // GROUP, 2, GROUP // 2)
         nibbles = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
         d = scales.float().contiguous()
         return cls(nibbles, d, (zeros.float() - 8 * d).contiguous())
