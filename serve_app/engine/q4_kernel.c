@@ -9,7 +9,7 @@
  *
  * From F32_MIN_ROWS activation rows on, each weight block is decoded to float32 once and
  * multiplied with up to F32_TILE rows of float32 activations (exact to float32 rounding;
- * ~1.1-1.3x the 16-bit path at 8-32 rows, slower below 8: benchmarks/linear_kernels.py).
+ * ~1.1-1.2x the 16-bit path at 8-16 rows, slower at 4: docs/benchmarks.md, session 19).
  *
  * Output rows are split over the OpenMP threads of the calling thread's team; built against the
  * libgomp torch has loaded, it is torch's own pool and follows torch.set_num_threads.

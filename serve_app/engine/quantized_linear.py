@@ -20,9 +20,10 @@ import threading
 
 import torch
 
-from serve_app.engine.q4_native import Q4Weight, q4_kernel, q8_matmul
+from serve_app.engine.q4_native import GROUP, Q4Weight, q4_kernel, q8_matmul
 
-GROUP_SIZE = 32
+GROUP_SIZE = GROUP
+Q8_BLOCK_BYTES = 34  # a Q8_0 block: an fp16 scale, then 32 int8
 # The CPU int4 packing interleaves blocks of 64 output rows: layers whose row counts are all
 # multiples of it can be packed apart and concatenated (checked against packing them together).
 _PACK_BLOCK_ROWS = 64
@@ -80,7 +81,7 @@ class Int4Linear(torch.nn.Module):
         (prefill) takes the copy at any length, so a prompt's keys and values do not depend on
         how much of it came from the prefix cache."""
         rows = x.reshape(-1, self.in_features)
-        if self.fp16_parts and (not decode or rows.shape[0] >= self.fp16_min_rows):
+        if self._takes_copy(rows.shape[0], decode):
             y = self._fp16_matmul(rows).to(x.dtype)
         elif rows.shape[0] >= DEQUANTIZED_MIN_ROWS and self._unpackable():
             y = torch.mm(rows.float(), self._float32_weight_t()).to(x.dtype)  # prefill
@@ -94,13 +95,14 @@ class Int4Linear(torch.nn.Module):
         """forward(rows, decode=True) for a decode step's 2-D float32 rows, with the common case
         (q4_kernel.c, no bias, under the copy's rows) first: the written-out step calls this
         ~120 times a step, and forward's general checks cost ~10 us a call at one row."""
-        if (
-            self.q4 is not None
-            and self.bias is None
-            and not (self.fp16_parts and rows.shape[0] >= self.fp16_min_rows)
-        ):
+        if self.q4 is not None and self.bias is None and not self._takes_copy(rows.shape[0]):
             return _int4_matmul(self, rows)
         return self.forward(rows, decode=True)
+
+    def _takes_copy(self, num_rows: int, decode: bool = True) -> bool:
+        """Whether these rows multiply by the fp16 copy: every prefill forward, and decode steps
+        of fp16_min_rows rows or more."""
+        return bool(self.fp16_parts) and (not decode or num_rows >= self.fp16_min_rows)
 
     def add_fp16_copy(self, min_rows: int) -> None:
         """Keeps the weight in fp16 too (the kernel's values, rounded once) for prefill and for
@@ -233,13 +235,11 @@ class Q8Linear(torch.nn.Module):
     lookup, so the vocabulary is in memory once, at half the bytes of an fp16 copy (a decode
     step reads all of it), and its values are the file's exactly."""
 
-    BLOCK_BYTES = 34
-
     def __init__(self, rows: torch.Tensor) -> None:
         super().__init__()
         self.rows = rows  # [N, K / 32 * 34] uint8, may be a map of the file
         self.out_features = rows.shape[0]
-        self.in_features = rows.shape[1] // self.BLOCK_BYTES * GROUP_SIZE
+        self.in_features = rows.shape[1] // Q8_BLOCK_BYTES * GROUP_SIZE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = q8_matmul(x.reshape(-1, self.in_features), self.rows)
@@ -247,10 +247,7 @@ class Q8Linear(torch.nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight [N, K] as float32 (exactness checks)."""
-        blocks = self.rows.view(-1, self.BLOCK_BYTES)
-        scales = blocks[:, :2].contiguous().view(torch.float16).float()
-        values = blocks[:, 2:].contiguous().view(torch.int8).float() * scales
-        return values.view(self.out_features, self.in_features)
+        return q8_rows_as_float(self.rows)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 rows"
@@ -290,20 +287,16 @@ class Q8Embedding(torch.nn.Module):
     be a map of the file, so only the rows looked up become resident. `embed_scale`: Gemma
     multiplies looked-up rows."""
 
-    BLOCK_BYTES = 34
-
     def __init__(self, rows: torch.Tensor, embed_scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.rows = rows
         self.num_embeddings = rows.shape[0]
-        self.embedding_dim = rows.shape[1] // self.BLOCK_BYTES * GROUP_SIZE
+        self.embedding_dim = rows.shape[1] // Q8_BLOCK_BYTES * GROUP_SIZE
         self.embed_scale = None if embed_scale is None else embed_scale.float().clone()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        blocks = self.rows[input_ids.reshape(-1)].view(-1, self.BLOCK_BYTES)
-        scales = blocks[:, :2].contiguous().view(torch.float16).float()
-        values = blocks[:, 2:].contiguous().view(torch.int8).float() * scales
-        rows = values.view(*input_ids.shape, self.embedding_dim)
+        rows = q8_rows_as_float(self.rows[input_ids.reshape(-1)])
+        rows = rows.view(*input_ids.shape, self.embedding_dim)
         return rows if self.embed_scale is None else rows * self.embed_scale
 
     def dequantized(self) -> torch.Tensor:
@@ -316,6 +309,14 @@ class Q8Embedding(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, Q8_0 rows"
+
+
+def q8_rows_as_float(rows: torch.Tensor) -> torch.Tensor:
+    """Q8_0 rows [R, K / 32 * 34] (uint8) -> their values [R, K] float32, the file's exactly."""
+    blocks = rows.reshape(-1, Q8_BLOCK_BYTES)
+    scales = blocks[:, :2].contiguous().view(torch.float16).float()
+    values = blocks[:, 2:].contiguous().view(torch.int8).float() * scales
+    return values.view(rows.shape[0], -1)
 
 
 class Bf16Embedding(torch.nn.Module):

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from serve_app.config import EngineOptions, ModelConfig
+from serve_app.engine import quantized_linear
 from serve_app.engine.llm_engine import LLMEngine
+from serve_app.engine.q4_native import q4_kernel
 from serve_app.loading import build_llm_engine
 
 CHAT_TEMPLATE = (
@@ -91,3 +93,14 @@ def engine(tiny_model_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def
     built: LLMEngine = build_llm_engine(tiny_model_config(tiny_model_dir, max_num_seqs=8), tmp_path)
     yield built
     built.shutdown()
+
+
+@pytest.fixture(params=["q4_kernel", "torch int4"])
+def int4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Int4Linear layers built in the test take each kernel in turn (q4_kernel.c where it builds
+    on this machine, torch's int4 kernel)."""
+    if request.param == "q4_kernel" and q4_kernel() is None:
+        pytest.skip("q4_kernel.c does not build or run here")
+    if request.param == "torch int4":
+        monkeypatch.setattr(quantized_linear, "q4_kernel", lambda: None)
+    return str(request.param)

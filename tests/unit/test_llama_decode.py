@@ -105,16 +105,6 @@ def _int4(rows: int, cols: int = 128, seed: int = 0) -> Int4Linear:
     return Int4Linear(q, scales, zeros)
 
 
-@pytest.fixture(params=["q4_kernel", "torch int4"])
-def int4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Int4Linear layers built in the test take each kernel in turn."""
-    if request.param == "q4_kernel" and q4_kernel() is None:
-        pytest.skip("q4_kernel.c does not build or run here")
-    if request.param == "torch int4":
-        monkeypatch.setattr(quantized_linear, "q4_kernel", lambda: None)
-    return str(request.param)
-
-
 def _weight_storage(layer: Int4Linear) -> int:
     return (layer.q4.nibbles if layer.q4 is not None else layer.packed_weight).data_ptr()
 

@@ -32,17 +32,6 @@ from serve_app.model_store import is_native_folder, wants_native_weights
 pytestmark = pytest.mark.skipif(not can_run_int4(), reason="torch has no CPU int4 kernels")
 
 
-@pytest.fixture(params=["q4_kernel", "torch int4"])
-def int4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Int4Linear layers built in the test take each kernel in turn (q4_kernel.c where it
-    builds on this machine)."""
-    if request.param == "q4_kernel" and q4_kernel() is None:
-        pytest.skip("q4_kernel.c does not build or run here")
-    if request.param == "torch int4":
-        monkeypatch.setattr(quantized_linear, "q4_kernel", lambda: None)
-    return str(request.param)
-
-
 def _kernel_reference(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
     """What the layer's kernel computes for x, from its dequantized weight: q4_kernel.c, under
     8 rows, quantizes each row's blocks of 32 to int16 (scale max|x| / 32767) and from 8 rows on
