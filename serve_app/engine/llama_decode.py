@@ -7,19 +7,34 @@ step runs the same modules' weights with the same arithmetic (tests compare its 
 the model's own forward), and on native weights fuses q/k/v and gate/up into one int4 matmul
 each (the fused weight is concatenated once; the separate layers become views of it).
 
+Where decode_kernel.c is built (decode_native.py), the rest of a layer is C too: at rows whose
+matmuls are all q4_kernel.c's, the whole layer is one C call (`NativeLayer`); at rows that take
+the fp16 copies (fbgemm), the matmuls stay torch's and norms, attention with its cache write
+and SiLU x up are C calls between them. Elsewhere the layer is the torch ops below.
+
 Prefill and chunked prefill keep transformers' forward; only `ModelRunner.decode` comes here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from serve_app.engine.q4_native import rms_norm
+from serve_app.engine.batch import GrowingLayer
+from serve_app.engine.decode_native import (
+    AttentionShape,
+    CacheColumn,
+    NativeLayer,
+    add_rms_norm,
+    decode_attention,
+    rms_norm,
+    silu_mul,
+)
+from serve_app.engine.q4_native import q4_kernel
 from serve_app.engine.quantized_linear import Int4Linear, fuse_int4
 
 OnLayer = Callable[[], None]
@@ -39,6 +54,9 @@ class LlamaDecodeStep:
         rotary = inner.rotary_emb
         self.inv_freq, self.rotary_scale = rotary.inv_freq.float(), rotary.attention_scaling
         self.layers = [_Layer(layer, self.head_dim) for layer in inner.layers]
+        self.in_c = q4_kernel() is not None and all(
+            layer.attention_shape.fits_kernel() for layer in self.layers
+        )
 
     @torch.no_grad()
     def __call__(
@@ -53,15 +71,50 @@ class LlamaDecodeStep:
         rows = int(input_ids.shape[0])
         hidden = self.embed_tokens(input_ids).view(rows, -1)
         cos, sin = self._rotary(position_ids.view(rows))
-        mask = attention_mask.bool().view(rows, 1, 1, -1)
-        for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
-            if on_layer is not None:
-                on_layer()
-            hidden = layer(hidden, cos, sin, mask, cache_layer)
+        if self._runs_in_c(hidden, cache):
+            self._layers_in_c(
+                hidden, cos.view(rows, -1), sin.view(rows, -1), attention_mask, cache, on_layer
+            )
+        else:
+            mask = attention_mask.bool().view(rows, 1, 1, -1)
+            for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
+                if on_layer is not None:
+                    on_layer()
+                hidden = layer(hidden, cos, sin, mask, cache_layer)
         if on_layer is not None:
             on_layer()
         weight, eps = self.final_norm
         return self.lm_head(rms_norm(hidden, weight, eps))
+
+    def _runs_in_c(self, hidden: torch.Tensor, cache: DynamicCache) -> bool:
+        """Whether decode_kernel.c takes this step: built here, shapes it takes, float32 rows,
+        and a cache whose buffers it can write in place."""
+        return (
+            self.in_c
+            and hidden.dtype == torch.float32
+            and all(isinstance(layer, GrowingLayer) for layer in cache.layers)
+        )
+
+    def _layers_in_c(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: DynamicCache,
+        on_layer: OnLayer | None,
+    ) -> None:
+        """Every layer through decode_kernel.c, hidden [rows, D] updated in place."""
+        mask = attention_mask.to(torch.int64).contiguous()
+        growing = cast(list[GrowingLayer], cache.layers)  # _runs_in_c checked
+        for layer, cache_layer in zip(self.layers, growing, strict=True):
+            if on_layer is not None:
+                on_layer()
+            keys, values, column = cache_layer.next_column()
+            if column + 1 != mask.shape[1] or keys.dtype != torch.float32:
+                raise RuntimeError(f"KV cache of {column} columns for a mask of {mask.shape[1]}")
+            layer.step_in_c(hidden, cos, signed_sin, CacheColumn(keys, values, column, mask))
+            cache_layer.column_written()
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and the signed sin [rows, 1, head_dim] for `rotate_half` done as a flip:
@@ -91,6 +144,52 @@ class _Layer:
         self.o_proj, self.down_proj = attention.o_proj, mlp.down_proj
         self.intermediate = mlp.gate_proj.out_features
         self.head_dim, self.num_heads = head_dim, attention.config.num_attention_heads
+        kv_heads = self.kv_width // head_dim
+        self.attention_shape = AttentionShape(self.num_heads, kv_heads, head_dim, self.scaling)
+        self.native, self.native_max_rows = self._native_layer()
+
+    def _native_layer(self) -> tuple[NativeLayer | None, int]:
+        """The layer as one C call, and the rows it takes (under any fp16 copy's rows); None
+        unless every matmul is q4_kernel.c's (fused, no bias) and the attention fits it."""
+        linears = [self.qkv, self.o_proj, self.gate_up, self.down_proj]
+        if q4_kernel() is None or not self.attention_shape.fits_kernel():
+            return None, 0
+        if not all(
+            isinstance(x, Int4Linear) and x.q4 is not None and x.bias is None for x in linears
+        ):
+            return None, 0
+        copy_rows = [x.fp16_min_rows for x in linears if x.fp16_parts]
+        weights = {
+            "qkv": self.qkv.q4,
+            "o": self.o_proj.q4,
+            "gate_up": self.gate_up.q4,
+            "down": self.down_proj.q4,
+        }
+        native = NativeLayer(weights, (self.input_norm, self.post_norm), self.attention_shape)
+        return native, min(copy_rows, default=1 << 30)
+
+    def step_in_c(
+        self, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, cache: CacheColumn
+    ) -> None:
+        """The layer on hidden [rows, D] in place: one C call where every matmul at this many
+        rows is q4_kernel.c's, else C calls between torch's matmuls (the fp16 copies)."""
+        rows = int(hidden.shape[0])
+        if self.native is not None and rows < self.native_max_rows:
+            self.native(hidden, cos, signed_sin, cache)
+            return
+        weight, eps = self.input_norm
+        qkv = self._joined(self.qkv, rms_norm(hidden, weight, eps))
+        attended = decode_attention(qkv, self.attention_shape, cos, signed_sin, cache)
+        weight, eps = self.post_norm
+        normed = add_rms_norm(hidden, _project(self.o_proj, attended), weight, eps)
+        hidden += _project(self.down_proj, silu_mul(self._joined(self.gate_up, normed)))
+
+    @staticmethod
+    def _joined(linears: Any, x: torch.Tensor) -> torch.Tensor:
+        """A fused layer's output, or the separate layers' outputs side by side."""
+        if isinstance(linears, list):
+            return torch.cat([_project(linear, x) for linear in linears], dim=1)
+        return _project(linears, x)
 
     def __call__(
         self,

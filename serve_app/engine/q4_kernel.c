@@ -21,18 +21,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernel_simd.h"
+
 #define QK 32
 #define ROW_TILE 4 /* activation rows sharing one decoded weight block (16-bit path) */
 #define F32_TILE 8 /* the same for the float path: 4 weight + 8 accumulator registers */
 #define F32_MIN_ROWS 8 /* from this many rows on, weights are decoded to float32 instead */
 #define QMAX 32767.0f
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* One row of K floats -> K int16, a scale and a scaled sum per block. */
 static void quantize_row(const float *x, int64_t k, int16_t *qx, float *dx, float *sx) {
@@ -59,7 +54,8 @@ static void quantize_row(const float *x, int64_t k, int16_t *qx, float *dx, floa
     }
 }
 
-/* Every row's activations quantized (quantize_row), in buffers free_activations releases. */
+/* Every row's activations quantized (quantize_row), in one buffer free_activations releases;
+ * q is NULL when it could not be allocated. */
 typedef struct {
     int16_t *q;
     float *d, *s;
@@ -68,19 +64,17 @@ typedef struct {
 static activations16 quantize_rows(const float *x, int64_t rows, int64_t k) {
     const int64_t nb = k / QK;
     activations16 a;
-    a.q = malloc(sizeof(int16_t) * (size_t)(rows * k));
-    a.d = malloc(sizeof(float) * (size_t)(rows * nb));
-    a.s = malloc(sizeof(float) * (size_t)(rows * nb));
+    float *factors = malloc(sizeof(float) * (size_t)(2 * rows * nb) + sizeof(int16_t) * (size_t)(rows * k));
+    a.d = factors;
+    a.s = factors ? factors + rows * nb : NULL;
+    a.q = factors ? (int16_t *)(factors + 2 * rows * nb) : NULL;
+    if (!factors) return a;
     for (int64_t r = 0; r < rows; r++)
         quantize_row(x + r * k, k, a.q + r * k, a.d + r * nb, a.s + r * nb);
     return a;
 }
 
-static void free_activations(activations16 a) {
-    free(a.q);
-    free(a.d);
-    free(a.s);
-}
+static void free_activations(activations16 a) { free(a.d); }
 
 /* A block's 32 weights as int16: values 0..15 (low nibbles), then 16..31 (high nibbles). */
 typedef struct {
@@ -197,15 +191,17 @@ static void matmul_f32(const float *x, int64_t rows, int64_t k, const uint8_t *q
     }
 }
 
-/* x [rows, k] float32, qs [n, k / 2] bytes, d and m [n, k / 32] float32, y [rows, n] float32. */
-void q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *qs, const float *d,
-               const float *m, int64_t n, float *y) {
+/* x [rows, k] float32, qs [n, k / 2] bytes, d and m [n, k / 32] float32, y [rows, n] float32.
+ * Returns 0, or -1 when memory ran out. */
+int q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *qs, const float *d,
+              const float *m, int64_t n, float *y) {
     if (rows >= F32_MIN_ROWS) {
         matmul_f32(x, rows, k, qs, d, m, n, y);
-        return;
+        return 0;
     }
     const int64_t nb = k / QK;
     const activations16 a = quantize_rows(x, rows, k);
+    if (!a.q) return -1;
     const int16_t *qx = a.q;
     const float *dx = a.d, *sx = a.s;
 #pragma omp parallel for schedule(static)
@@ -219,6 +215,7 @@ void q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *qs, const
         }
     }
     free_activations(a);
+    return 0;
 }
 
 /* The weight as float32 [n, k] (exactness checks and big prefill forwards). */
@@ -259,11 +256,13 @@ static inline float fp16_scale(const uint8_t *block) {
     return _cvtsh_ss(bits);
 }
 
-/* x [rows, k] float32; w [n, row_bytes] Q8_0 rows (row_bytes = k / 32 * 34); y [rows, n]. */
-void q8_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t row_bytes,
-               int64_t n, float *y) {
+/* x [rows, k] float32; w [n, row_bytes] Q8_0 rows (row_bytes = k / 32 * 34); y [rows, n].
+ * Returns 0, or -1 when memory ran out. */
+int q8_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t row_bytes,
+              int64_t n, float *y) {
     const int64_t nb = k / QK;
     const activations16 a = quantize_rows(x, rows, k);
+    if (!a.q) return -1;
     const int16_t *qx = a.q;
     const float *dx = a.d; /* Q8_0 has no minimum: the blocks' sums are not needed */
 #pragma omp parallel for schedule(static)
@@ -286,28 +285,5 @@ void q8_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_
         }
     }
     free_activations(a);
-}
-
-/* ---- RMSNorm of a decode step's rows: y = x / sqrt(mean(x^2) + eps) * w ----
- * torch's F.rms_norm takes ~30 us a call at one row of 576 (several small ops); the written-out
- * Llama step calls it twice a layer. */
-void rms_norm(const float *x, int64_t rows, int64_t dim, const float *w, float eps, float *y) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * dim;
-        float *yr = y + r * dim;
-        __m256 acc = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 8 <= dim; i += 8) {
-            const __m256 v = _mm256_loadu_ps(xr + i);
-            acc = _mm256_fmadd_ps(v, v, acc);
-        }
-        float sum = hsum(acc);
-        for (; i < dim; i++) sum += xr[i] * xr[i];
-        const float scale = 1.0f / sqrtf(sum / (float)dim + eps);
-        const __m256 sv = _mm256_set1_ps(scale);
-        for (i = 0; i + 8 <= dim; i += 8)
-            _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), sv),
-                                                   _mm256_loadu_ps(w + i)));
-        for (; i < dim; i++) yr[i] = xr[i] * scale * w[i];
-    }
+    return 0;
 }

@@ -1,6 +1,7 @@
-"""The C kernels of native GGUF weights (q4_kernel.c), built once per machine with the C
-compiler and loaded with ctypes: 4-bit weights in Q4_1 form (Int4Linear), Q8_0 rows (a tied
-output layer, Q8Linear) and the decode step's RMSNorm.
+"""The C kernels of native GGUF weights, built once per machine with the C compiler into one
+library and loaded with ctypes: q4_kernel.c multiplies 4-bit weights in Q4_1 form (Int4Linear)
+and Q8_0 rows (a tied output layer, Q8Linear); decode_kernel.c runs the rest of a Llama decode
+step (its Python side: decode_native.py).
 
 On a CPU without bf16 instructions torch's int4 kernel emulates bf16 activations. q4_kernel.c
 multiplies with integer instructions on activations quantized to 16 bits per block of 32 (8
@@ -31,7 +32,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("q4_kernel.c")
+_HERE = Path(__file__).parent
+SOURCES = [_HERE / "q4_kernel.c", _HERE / "decode_kernel.c"]
+HEADERS = [_HERE / "kernel_simd.h"]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 GROUP = 32
 KERNEL_ENV = "SERVE_APP_INT4_KERNEL"  # "auto" (default) or "torch"
@@ -54,11 +57,19 @@ def q4_kernel() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:  # a failed or timed-out compile too
         logger.warning("int4 layers on torch's kernel: q4_kernel.c did not build: %s", exc)
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     library.q4_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer]
     library.q4_dequantize.argtypes = [pointer, pointer, pointer, size, size, pointer]
     library.q8_matmul.argtypes = [pointer, size, size, pointer, size, size, pointer]
-    library.rms_norm.argtypes = [pointer, size, size, pointer, ctypes.c_float, pointer]
+    library.rms_norm.argtypes = [pointer, size, size, pointer, real, pointer]
+    library.add_rms_norm.argtypes = [pointer, pointer, size, size, pointer, real, pointer]
+    library.silu_mul.argtypes = [pointer, size, size, pointer]
+    library.decode_attention.argtypes = [pointer, *[size] * 4, real, *[pointer] * 4, size, size]
+    library.decode_attention.argtypes += [pointer, pointer]
+    library.llama_layer_decode.argtypes = [pointer, pointer, size, *[pointer] * 4, size, size]
+    library.llama_layer_decode.argtypes += [pointer]
+    for name in ("q4_matmul", "q8_matmul", "decode_attention", "llama_layer_decode"):
+        getattr(library, name).restype = ctypes.c_int  # 0, or -1: out of memory or shapes
     logger.info("int4 layers on q4_kernel.c (%s)", library._name)
     return library
 
@@ -75,9 +86,9 @@ def _cpu_has(*flags: str) -> bool:
 
 
 def _built_library(compiler: str) -> Path:
-    """The shared library for this source and these flags, compiled once into the kernel cache
+    """The shared library for these sources and flags, compiled once into the kernel cache
     (under a lock: replicas of several models start together)."""
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
     key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
     cache = Path(
         os.environ.get("SERVE_APP_KERNEL_DIR") or Path.home() / ".cache" / "serve-app" / "kernels"
@@ -91,7 +102,7 @@ def _built_library(compiler: str) -> Path:
         if not library.exists():
             partial = library.with_suffix(f".{os.getpid()}.tmp")
             subprocess.run(
-                [compiler, *FLAGS, "-o", str(partial), str(SOURCE)],
+                [compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES)],
                 check=True,
                 capture_output=True,
                 timeout=120,
@@ -128,8 +139,8 @@ class Q4Weight:
         y = torch.empty(x.shape[0], self.out_features)
         nibbles, d, m = self._pointers
         size = (x.shape[0], self.in_features, self.out_features)
-        kernel.q4_matmul(x.data_ptr(), size[0], size[1], nibbles, d, m, size[2], y.data_ptr())
-        return y
+        status = kernel.q4_matmul(x.data_ptr(), *size[:2], nibbles, d, m, size[2], y.data_ptr())
+        return checked(status, y)
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
         """The weight as float32 [N, K] written into `out` (numel N * K, contiguous)."""
@@ -167,7 +178,7 @@ def q8_matmul(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     x = rows.float().contiguous()
     num_outputs, row_bytes = blocks.shape
     y = torch.empty(x.shape[0], num_outputs)
-    kernel.q8_matmul(
+    status = kernel.q8_matmul(
         x.data_ptr(),
         x.shape[0],
         x.shape[1],
@@ -176,16 +187,12 @@ def q8_matmul(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         num_outputs,
         y.data_ptr(),
     )
-    return y
+    return checked(status, y)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """F.rms_norm(x, weight.shape, weight, eps) for float32 rows [M, D] in one C call (torch's
-    takes ~30 us a call at one row; this ~4)."""
-    kernel = q4_kernel()
-    if kernel is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 2:
-        return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
-    rows, w = x.contiguous(), weight.contiguous()
-    y = torch.empty_like(rows)
-    kernel.rms_norm(rows.data_ptr(), rows.shape[0], rows.shape[1], w.data_ptr(), eps, y.data_ptr())
-    return y
+def checked(status: int, result: torch.Tensor) -> torch.Tensor:
+    """result, or MemoryError where a C kernel returned -1 (its buffers could not be allocated;
+    the callers check the shapes the kernels refuse before calling)."""
+    if status != 0:
+        raise MemoryError("a C kernel could not allocate its buffers")
+    return result

@@ -140,3 +140,27 @@ def test_q4_kernel_layers_fuse_at_any_row_count() -> None:
     fused = fuse_int4(layers)
     assert fused is not None and torch.equal(fused(x), separate)
     assert fuse_int4([_int4(64, cols=128), _int4(64, cols=64)]) is None  # inputs differ
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="the C kernels do not build here")
+def test_c_layers_give_the_torch_layers_past_the_caches_spare_columns(model: Any) -> None:
+    """decode_kernel.c's layers (here: C between torch's float32 matmuls) against the torch ops,
+    fed the same tokens for 80 steps: a row with over a score block of padding, and past the
+    cache's spare columns (regrown in place at 64 + 70 / 8)."""
+    lengths = [70, 3, 11]
+    torch_cache, mask, tokens = _prefilled(model, lengths)
+    c_cache, _, _ = _prefilled(model, lengths)
+    in_torch, in_c = LlamaDecodeStep(model), LlamaDecodeStep(model)
+    in_torch.in_c = False
+    assert in_c.in_c
+    for _ in range(80):
+        mask = torch.cat([mask, mask.new_ones((len(lengths), 1))], dim=1)
+        positions = mask.sum(1, keepdim=True) - 1
+        expected = in_torch(tokens, positions, mask, torch_cache)
+        got = in_c(tokens, positions, mask, c_cache)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        tokens = expected.argmax(-1, keepdim=True)
+    for (ref_k, ref_v), (k, v) in zip(cache_kv(torch_cache), cache_kv(c_cache), strict=True):
+        assert k.shape == ref_k.shape == (3, 2, 150, 16)
+        torch.testing.assert_close(k, ref_k, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v, ref_v, rtol=1e-4, atol=1e-4)

@@ -285,7 +285,9 @@ SHAPES = {
 }
 
 
-def write_tiny_gguf(path: Path, head: T | None = None) -> None:
+def write_tiny_gguf(
+    path: Path, head: T | None = None, linear_types: dict[str, T] = LINEAR_TYPES
+) -> None:
     """`head`: the type of an untied output layer (none: the head is tied to token_embd)."""
     rng = np.random.default_rng(0)
     writer = GGUFWriter(str(path), arch="llama")
@@ -310,7 +312,7 @@ def write_tiny_gguf(path: Path, head: T | None = None) -> None:
     if head is not None:
         add("output.weight", rng.normal(0, 0.5, (VOCAB, HIDDEN)).astype(np.float32), head)
     for layer in range(LAYERS):
-        for name, qtype in LINEAR_TYPES.items():
+        for name, qtype in linear_types.items():
             weight = rng.normal(0, 0.2, SHAPES[name]).astype(np.float32)
             add(f"blk.{layer}.{name}.weight", weight, qtype)
         for norm in ("attn_norm", "ffn_norm"):
@@ -470,6 +472,53 @@ def test_fp16_copies_serve_the_written_out_steps_rows(
     assert calls == []
     ModelRunner(native).llama_decode(token, positions, mask, caches[2])  # type: ignore[misc]
     assert calls and set(calls) == {2}
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="the C kernels do not build here")
+def test_an_all_4bit_llama_decodes_each_layer_in_one_c_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every linear layer 4-bit: a decode step runs each decoder layer as one C call (no int4
+    call from Python), with the torch ops' values; rows that take fp16 copies do not."""
+    from transformers import DynamicCache
+
+    from serve_app.engine import decode_native
+    from serve_app.engine.batch import cache_kv, growing_cache
+    from serve_app.engine.model_runner import ModelRunner
+
+    gguf_path = tmp_path / "q4.gguf"
+    write_tiny_gguf(gguf_path, linear_types=dict.fromkeys(LINEAR_TYPES, T.Q4_1))
+    native, _ = load_native_model(native_folder(gguf_path, tmp_path / "n"), AutoModelForCausalLM)
+    in_c, in_torch = ModelRunner(native).llama_decode, ModelRunner(native).llama_decode
+    assert in_c is not None and in_torch is not None
+    assert all(layer.native is not None for layer in in_c.layers)
+    in_torch.in_c = False
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    caches = []
+    for _ in range(3):
+        cache = DynamicCache()
+        with torch.no_grad():
+            native(input_ids=ids, past_key_values=cache)
+        caches.append(growing_cache(cache_kv(cache)))
+    token, positions = ids[:, -1:], torch.full((2, 1), 12)
+    mask = torch.ones((2, 13), dtype=torch.long)
+    calls = _counting_kernel(monkeypatch)
+    got = in_c(token, positions, mask, caches[0])
+    assert calls == []  # every matmul inside the layers' C calls
+    expected = in_torch(token, positions, mask, caches[1])
+    assert set(calls) == {2}
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for (ref_k, ref_v), (k, v) in zip(cache_kv(caches[1]), cache_kv(caches[0]), strict=True):
+        torch.testing.assert_close(k, ref_k, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v, ref_v, rtol=1e-4, atol=1e-4)
+    quantized_linear.add_fp16_copies(native, min_rows=2)  # 2 rows now take the copies
+    whole_layers: list[int] = []
+    monkeypatch.setattr(decode_native.NativeLayer, "__call__", lambda *args: whole_layers.append(1))
+    in_c_with_copies = ModelRunner(native).llama_decode
+    assert in_c_with_copies is not None
+    with_copies = in_c_with_copies(token, positions, mask, caches[2])
+    assert whole_layers == []
+    torch.testing.assert_close(with_copies, expected, rtol=1e-2, atol=1e-2)  # fp16 weights
 
 
 @pytest.fixture()

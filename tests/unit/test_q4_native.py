@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from serve_app.engine import q4_native
-from serve_app.engine.q4_native import KERNEL_ENV, Q4Weight, q4_kernel, rms_norm
+from serve_app.engine.decode_native import rms_norm
+from serve_app.engine.q4_native import KERNEL_ENV, Q4Weight, q4_kernel
 
 
 @pytest.fixture
