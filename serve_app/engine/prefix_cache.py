@@ -3,7 +3,10 @@ requests that begin with the same tokens (a shared system prompt, the earlier tu
 which a client resends whole every turn).
 
 Entries are indexed by a chained hash at every BLOCK_TOKENS boundary, as in vLLM's automatic
-prefix caching, so a prompt that shares only the first blocks of an entry reuses those. An entry
+prefix caching, so a prompt that shares only the first blocks of an entry reuses those. Blocks
+are 8 tokens, not vLLM's 16 (there they are also the KV cache's pages; here only the hash
+step): SmolLM2's chat template puts 24 tokens before the user's text, so a chat shares 24 of
+them instead of 16 (docs/benchmarks.md, session 20). An entry
 is one request's tokens (its prompt once prefilled; prompt and answer once it finished) with one
 [1, heads, tokens, dim] tensor of keys and one of values per layer. Least recently used
 entries go first when the token budget is full. Used by the inference thread only.
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK_TOKENS = 16
+BLOCK_TOKENS = 8
 
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, heads, n, dim]
 

@@ -21,49 +21,52 @@ def kv(num_tokens: int, value: float) -> list[tuple[torch.Tensor, torch.Tensor]]
     return [(keys, -keys), (keys * 2, -keys * 2)]
 
 
+B = BLOCK_TOKENS
+
+
 def test_lookup_finds_the_longest_cached_block_prefix_and_leaves_a_token() -> None:
-    cache = PrefixCache(max_tokens=64)
-    tokens = list(range(40))
-    cache.store(tokens, kv(40, 1.0))
-    assert cache.num_tokens == 32  # full blocks only
-    hit = cache.lookup(tokens[:20] + [999])
-    assert hit is not None and hit.num_tokens == 16
-    assert hit.layers[1][0].shape == (1, 2, 16, 4) and float(hit.layers[1][0][0, 0, 0, 0]) == 2.0
-    hit = cache.lookup(tokens[:33])
-    assert hit is not None and hit.num_tokens == 32
-    assert cache.lookup(tokens[:16]) is None  # a hit must leave the last token to compute
+    cache = PrefixCache(max_tokens=4 * B)
+    tokens = list(range(2 * B + B // 2))
+    cache.store(tokens, kv(len(tokens), 1.0))
+    assert cache.num_tokens == 2 * B  # full blocks only
+    hit = cache.lookup(tokens[: B + B // 4] + [999])
+    assert hit is not None and hit.num_tokens == B
+    assert hit.layers[1][0].shape == (1, 2, B, 4) and float(hit.layers[1][0][0, 0, 0, 0]) == 2.0
+    hit = cache.lookup(tokens[: 2 * B + 1])
+    assert hit is not None and hit.num_tokens == 2 * B
+    assert cache.lookup(tokens[:B]) is None  # a hit must leave the last token to compute
     assert cache.lookup([7, *tokens[1:]]) is None  # the first block differs
 
 
 def test_an_answer_replaces_its_prompt_entry_and_old_entries_are_evicted() -> None:
-    cache = PrefixCache(max_tokens=64)
-    prompt = list(range(32))
-    cache.store(prompt, kv(32, 1.0))
-    cache.store([*prompt, *range(100, 132)], kv(64, 2.0))  # the prompt and its answer
-    assert cache.num_tokens == 64  # the prompt's own entry was dropped, not kept twice
+    cache = PrefixCache(max_tokens=4 * B)
+    prompt = list(range(2 * B))
+    cache.store(prompt, kv(2 * B, 1.0))
+    cache.store([*prompt, *range(100, 100 + 2 * B)], kv(4 * B, 2.0))  # the prompt and its answer
+    assert cache.num_tokens == 4 * B  # the prompt's own entry was dropped, not kept twice
     hit = cache.lookup([*prompt, 7])
-    assert hit is not None and hit.num_tokens == 32 and float(hit.layers[0][0].max()) == 2.0
-    cache.store(prompt, kv(32, 9.0))  # inside the longer entry already: nothing added
-    assert cache.num_tokens == 64
-    cache.store(list(range(500, 532)), kv(32, 3.0))  # over budget: the oldest goes
-    assert cache.num_tokens == 32
+    assert hit is not None and hit.num_tokens == 2 * B and float(hit.layers[0][0].max()) == 2.0
+    cache.store(prompt, kv(2 * B, 9.0))  # inside the longer entry already: nothing added
+    assert cache.num_tokens == 4 * B
+    cache.store(list(range(500, 500 + 2 * B)), kv(2 * B, 3.0))  # over budget: the oldest goes
+    assert cache.num_tokens == 2 * B
     assert cache.lookup([*prompt, 7]) is None
-    cache.store(list(range(1000, 1000 + 80)), kv(80, 4.0))  # larger than the budget: skipped
-    assert cache.num_tokens == 32
+    cache.store(list(range(1000, 1000 + 5 * B)), kv(5 * B, 4.0))  # larger than the budget
+    assert cache.num_tokens == 2 * B
 
 
 def test_evicting_a_newer_entry_keeps_the_blocks_an_older_entry_holds() -> None:
-    cache = PrefixCache(max_tokens=96)
-    shared = list(range(16))
-    older, newer = [*shared, *range(100, 116)], [*shared, *range(200, 216)]
-    cache.store(older, kv(32, 1.0))
-    cache.store(newer, kv(32, 2.0))  # indexes the shared block too
+    cache = PrefixCache(max_tokens=6 * B)
+    shared = list(range(B))
+    older, newer = [*shared, *range(100, 100 + B)], [*shared, *range(200, 200 + B)]
+    cache.store(older, kv(2 * B, 1.0))
+    cache.store(newer, kv(2 * B, 2.0))  # indexes the shared block too
     assert cache.lookup([*older, 7]) is not None  # the older entry is now the recently used
-    cache.store(list(range(300, 348)), kv(48, 3.0))  # over budget: the newer entry goes
+    cache.store(list(range(300, 300 + 3 * B)), kv(3 * B, 3.0))  # over budget: the newer goes
     hit = cache.lookup([*shared, 999])
-    assert hit is not None and hit.num_tokens == 16 and float(hit.layers[0][0].max()) == 1.0
+    assert hit is not None and hit.num_tokens == B and float(hit.layers[0][0].max()) == 1.0
     partial = cache.lookup([*newer, 7])  # its own last block is gone with it
-    assert partial is not None and partial.num_tokens == 16
+    assert partial is not None and partial.num_tokens == B
 
 
 # ---- the engine with a prefix cache -----------------------------------------------------
@@ -146,13 +149,14 @@ def test_one_prefill_mixing_cached_and_uncached_rows_matches_generate(
     prompts = {
         "extends": long_ids + prompt_ids(engine, " Paris is a city in France."),
         "fresh": prompt_ids(engine, "def main():"),
-        "shares-two-blocks": long_ids[:40] + prompt_ids(engine, "héllo"),
+        "shares-40-tokens": long_ids[:40] + prompt_ids(engine, "héllo"),
     }
     texts, _ = submit_all(cached, {request_id: (ids, 10) for request_id, ids in prompts.items()})
     cached.step()
     # One forward for all three: each row's cached prefix, padding, then the rest of its prompt.
     hits = {seq.request_id: seq.num_cached for seq in cached.scheduler.running}
-    assert hits == {"extends": full_blocks(len(long_ids)), "fresh": 0, "shares-two-blocks": 32}
+    shared = full_blocks(40)
+    assert hits == {"extends": full_blocks(len(long_ids)), "fresh": 0, "shares-40-tokens": shared}
     while cached.scheduler.running:
         cached.step()
     for request_id, ids in prompts.items():
@@ -181,10 +185,10 @@ def test_a_long_rest_after_a_cached_prefix_is_prefilled_in_chunks(
 ) -> None:
     cached = prefix_engine(tiny_model_dir, engine, max_prefill_tokens=budget)
     ids = prompt_ids(engine, " ".join([LONG_PROMPT] * 4))
-    assert len(ids) - 32 > 2 * budget  # so the rest takes several chunks
+    assert len(ids) - 40 > 2 * budget  # so the rest takes several chunks
     run(cached, {"seed": (ids[:40], 2)})
     text = run(cached, {"long": (ids, 6)})["long"]
-    assert cached.stats().num_cached_prompt_tokens == 32
+    assert cached.stats().num_cached_prompt_tokens == full_blocks(40)
     assert text == greedy_text(tiny_model_dir, engine, ids, 6)
 
 
