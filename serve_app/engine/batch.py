@@ -58,18 +58,18 @@ class GrowingLayer(DynamicLayer):
         self._set_length(end)
         return self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
 
-    def next_column(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The buffers [rows, heads, capacity, dim] and the column a decode step writes its new
-        keys/values into in place (decode_kernel.c; room made first); column_written then
-        counts it."""
+    def next_columns(self, count: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The buffers [rows, heads, capacity, dim] and the first of the `count` columns a
+        forward writes its new keys/values into in place (decode_kernel.c; room made first);
+        columns_written then counts them."""
         start = self._length
-        if start >= self._key_buffer.shape[2]:
+        if start + count > self._key_buffer.shape[2]:
             keys, values = self._key_buffer[:, :, :start], self._value_buffer[:, :, :start]
-            self._refill(keys, values, incoming=1)
+            self._refill(keys, values, incoming=count)
         return self._key_buffer, self._value_buffer, start
 
-    def column_written(self) -> None:
-        self._set_length(self._length + 1)
+    def columns_written(self, count: int) -> None:
+        self._set_length(self._length + count)
 
     def keep(self, rows: torch.Tensor, first_column: int) -> None:
         """Keeps only these rows and the columns from first_column on (one copy)."""

@@ -10,9 +10,12 @@
  * Layouts (all contiguous, float32 unless said):
  *   hidden [rows, dim]; cos, sin [rows, head_dim], sin with its first half negated;
  *   qkv [rows, (heads + 2 kv_heads) head_dim]: q heads, then k heads, then v heads;
- *   keys, values [rows, kv_heads, capacity, head_dim] (the cache's buffers); the step writes
- *   column `column` and attends over columns 0..column where mask [rows, column + 1] (int64,
- *   the batch's attention mask) is not 0.
+ *   keys, values [sequences, kv_heads, capacity, head_dim] (the cache's buffers). Activation
+ *   rows are `tokens` consecutive new tokens of each sequence (1 in a decode step, a prompt's
+ *   left-padded tokens in a prefill): row i is token t = i % tokens of sequence s = i / tokens;
+ *   it writes its key and value at column c = first_column + t and attends over columns 0..c
+ *   of its sequence where mask [sequences, first_column + tokens] (int64, the batch's attention
+ *   mask) is not 0.
  * Functions that allocate return 0, or -1 when memory or a shape limit ran out.
  */
 #include <immintrin.h>
@@ -192,34 +195,46 @@ static void attend_group(const float *q, int group, const float *keys, const flo
     }
 }
 
-/* Rotates each row's q and k, writes k and v into column `column` of the cache, and attends:
- * out [rows, heads head_dim]. */
-int decode_attention(const float *qkv, int64_t rows, int64_t heads, int64_t kv_heads,
-                     int64_t head_dim, float scale, const float *cos, const float *sin,
-                     float *keys, float *values, int64_t capacity, int64_t column,
-                     const int64_t *mask, float *out) {
-    const int64_t group = heads / kv_heads, length = column + 1;
-    if (heads % kv_heads || group > MAX_GROUP || head_dim > MAX_HEAD_DIM || head_dim % 8 ||
-        column >= capacity)
+/* Rotates each row's q and k, writes every row's k and v into its cache column, then attends
+ * (each row sees the columns the rows before it wrote): out [rows, heads head_dim]. */
+int decode_attention(const float *qkv, int64_t rows, int64_t tokens, int64_t heads,
+                     int64_t kv_heads, int64_t head_dim, float scale, const float *cos,
+                     const float *sin, float *keys, float *values, int64_t capacity,
+                     int64_t first_column, const int64_t *mask, float *out) {
+    const int64_t group = heads / kv_heads, width = first_column + tokens;
+    if (tokens < 1 || rows % tokens || heads % kv_heads || group > MAX_GROUP ||
+        head_dim > MAX_HEAD_DIM || head_dim % 8 || width > capacity)
         return -1;
-    const int64_t width = (heads + 2 * kv_heads) * head_dim;
+    const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim;
     const int64_t pairs = rows * kv_heads;
-#pragma omp parallel for schedule(static) if (pairs * length >= PARALLEL_WORK)
-    for (int64_t pair = 0; pair < pairs; pair++) {
-        const int64_t r = pair / kv_heads, g = pair % kv_heads;
-        const float *row = qkv + r * width;
-        const float *row_cos = cos + r * head_dim, *row_sin = sin + r * head_dim;
-        const int64_t cache_offset = (r * kv_heads + g) * capacity * head_dim;
-        float *k_cache = keys + cache_offset, *v_cache = values + cache_offset;
-        const float *k = row + (heads + g) * head_dim, *v = row + (heads + kv_heads + g) * head_dim;
-        rotate(k, row_cos, row_sin, head_dim, 1.0f, k_cache + column * head_dim);
-        for (int64_t i = 0; i < head_dim; i++) v_cache[column * head_dim + i] = v[i];
-        float q[MAX_GROUP * MAX_HEAD_DIM];
-        for (int64_t h = 0; h < group; h++)
-            rotate(row + (g * group + h) * head_dim, row_cos, row_sin, head_dim, scale,
-                   q + h * head_dim);
-        attend_group(q, (int)group, k_cache, v_cache, length, mask + r * length, head_dim,
-                     out + r * heads * head_dim + g * group * head_dim);
+#pragma omp parallel if (pairs * width >= PARALLEL_WORK)
+    {
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < pairs; pair++) {
+            const int64_t r = pair / kv_heads, g = pair % kv_heads;
+            const int64_t column = first_column + r % tokens;
+            const float *row = qkv + r * qkv_width;
+            const int64_t cache_offset = ((r / tokens) * kv_heads + g) * capacity * head_dim;
+            const float *v = row + (heads + kv_heads + g) * head_dim;
+            rotate(row + (heads + g) * head_dim, cos + r * head_dim, sin + r * head_dim,
+                   head_dim, 1.0f, keys + cache_offset + column * head_dim);
+            for (int64_t i = 0; i < head_dim; i++)
+                values[cache_offset + column * head_dim + i] = v[i];
+        }
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < pairs; pair++) {
+            const int64_t r = pair / kv_heads, g = pair % kv_heads, sequence = r / tokens;
+            const int64_t column = first_column + r % tokens;
+            const float *row = qkv + r * qkv_width;
+            const int64_t cache_offset = (sequence * kv_heads + g) * capacity * head_dim;
+            float q[MAX_GROUP * MAX_HEAD_DIM];
+            for (int64_t h = 0; h < group; h++)
+                rotate(row + (g * group + h) * head_dim, cos + r * head_dim, sin + r * head_dim,
+                       head_dim, scale, q + h * head_dim);
+            attend_group(q, (int)group, keys + cache_offset, values + cache_offset, column + 1,
+                         mask + sequence * width, head_dim,
+                         out + r * heads * head_dim + g * group * head_dim);
+        }
     }
     return 0;
 }
@@ -245,9 +260,9 @@ static int project(const q4_weight *w, const float *x, int64_t rows, float *y) {
 
 /* hidden [rows, dim] becomes the layer's output in place:
  *   h += o(attention(rope(qkv(norm(h)))));  h += down(silu(gate(norm(h))) * up(norm(h))) */
-int llama_layer_decode(const llama_layer *layer, float *hidden, int64_t rows, const float *cos,
-                       const float *sin, float *keys, float *values, int64_t capacity,
-                       int64_t column, const int64_t *mask) {
+int llama_layer_decode(const llama_layer *layer, float *hidden, int64_t rows, int64_t tokens,
+                       const float *cos, const float *sin, float *keys, float *values,
+                       int64_t capacity, int64_t first_column, const int64_t *mask) {
     const int64_t dim = layer->qkv.in_features, inter = layer->down.in_features;
     const int64_t attended_width = layer->heads * layer->head_dim;
     const int64_t per_row = 2 * dim + layer->qkv.out_features + attended_width +
@@ -260,9 +275,9 @@ int llama_layer_decode(const llama_layer *layer, float *hidden, int64_t rows, co
     int status = 0;
     add_rms_norm(hidden, NULL, rows, dim, layer->input_norm, layer->input_eps, normed);
     status |= project(&layer->qkv, normed, rows, qkv);
-    status |= decode_attention(qkv, rows, layer->heads, layer->kv_heads, layer->head_dim,
-                               layer->scale, cos, sin, keys, values, capacity, column, mask,
-                               attended);
+    status |= decode_attention(qkv, rows, tokens, layer->heads, layer->kv_heads,
+                               layer->head_dim, layer->scale, cos, sin, keys, values, capacity,
+                               first_column, mask, attended);
     status |= project(&layer->o, attended, rows, delta);
     add_rms_norm(hidden, delta, rows, dim, layer->post_norm, layer->post_eps, normed);
     status |= project(&layer->gate_up, normed, rows, gate_up);

@@ -77,17 +77,25 @@ class AttentionShape:
         )
 
 
-class CacheColumn:
-    """Where a decode step writes one layer's new keys/values: the cache's buffers [rows,
-    kv_heads, capacity, head_dim] (contiguous float32) and the column; the attention mask
-    [rows, column + 1] (int64) says which columns each row attends to."""
+class CacheColumns:
+    """Where a forward writes one layer's new keys/values: the cache's buffers [sequences,
+    kv_heads, capacity, head_dim] (contiguous float32), from `first_column` on, `tokens` new
+    tokens per sequence (1 in a decode step); the attention mask [sequences, first_column +
+    tokens] (int64) says which columns each sequence attends to (a token also sees only the
+    columns before its own)."""
 
-    __slots__ = ("keys", "values", "column", "mask")
+    __slots__ = ("keys", "values", "first_column", "tokens", "mask")
 
     def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, column: int, mask: torch.Tensor
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        first_column: int,
+        mask: torch.Tensor,
+        tokens: int = 1,
     ) -> None:
-        self.keys, self.values, self.column, self.mask = keys, values, column, mask
+        self.keys, self.values, self.mask = keys, values, mask
+        self.first_column, self.tokens = first_column, tokens
 
 
 def decode_attention(
@@ -95,15 +103,16 @@ def decode_attention(
     shape: AttentionShape,
     cos: torch.Tensor,
     signed_sin: torch.Tensor,
-    cache: CacheColumn,
+    cache: CacheColumns,
 ) -> torch.Tensor:
-    """Rotates q and k of qkv [M, (heads + 2 kv_heads) head_dim], writes k and v into the cache
-    column, attends: [M, heads head_dim]."""
+    """Rotates q and k of qkv [M, (heads + 2 kv_heads) head_dim] (M = sequences x tokens),
+    writes k and v into the cache columns, attends: [M, heads head_dim]."""
     rows = qkv.shape[0]
     out = torch.empty(rows, shape.heads * shape.head_dim)
     status = _kernel().decode_attention(
         qkv.contiguous().data_ptr(),
         rows,
+        cache.tokens,
         shape.heads,
         shape.kv_heads,
         shape.head_dim,
@@ -113,7 +122,7 @@ def decode_attention(
         cache.keys.data_ptr(),
         cache.values.data_ptr(),
         cache.keys.shape[2],
-        cache.column,
+        cache.first_column,
         cache.mask.data_ptr(),
         out.data_ptr(),
     )
@@ -158,8 +167,8 @@ def _weight_struct(weight: Q4Weight) -> _Q4Weight:
 
 
 class NativeLayer:
-    """One decoder layer whose four matmuls are q4_kernel.c's (q/k/v and gate/up fused): a decode
-    step's layer in one C call, hidden [M, D] updated in place."""
+    """One decoder layer whose four matmuls are q4_kernel.c's (q/k/v and gate/up fused): a
+    forward's layer in one C call, hidden [M, D] updated in place."""
 
     def __init__(
         self,
@@ -186,18 +195,19 @@ class NativeLayer:
         self._pointer = ctypes.addressof(self._struct)
 
     def __call__(
-        self, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, cache: CacheColumn
+        self, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, cache: CacheColumns
     ) -> torch.Tensor:
         status = _kernel().llama_layer_decode(
             self._pointer,
             hidden.data_ptr(),
             hidden.shape[0],
+            cache.tokens,
             cos.data_ptr(),
             signed_sin.data_ptr(),
             cache.keys.data_ptr(),
             cache.values.data_ptr(),
             cache.keys.shape[2],
-            cache.column,
+            cache.first_column,
             cache.mask.data_ptr(),
         )
         return checked(status, hidden)

@@ -12,7 +12,10 @@ matmuls are all q4_kernel.c's, the whole layer is one C call (`NativeLayer`); at
 the fp16 copies (fbgemm), the matmuls stay torch's and norms, attention with its cache write
 and SiLU x up are C calls between them. Elsewhere the layer is the torch ops below.
 
-Prefill and chunked prefill keep transformers' forward; only `ModelRunner.decode` comes here.
+Where the C kernels run, prefill forwards come here too (`prefill`: every new token of each
+left-padded row, causal attention over its cache columns), at a fraction of transformers'
+forward's per-layer overhead (~40 ms for a few tokens of SmolLM2); chunks of long prompts and
+every other case keep transformers' forward.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from serve_app.engine.batch import GrowingLayer
+from serve_app.engine import quantized_linear
+from serve_app.engine.batch import GrowingLayer, growing_cache
 from serve_app.engine.decode_native import (
     AttentionShape,
-    CacheColumn,
+    CacheColumns,
     NativeLayer,
     add_rms_norm,
     decode_attention,
@@ -72,9 +76,7 @@ class LlamaDecodeStep:
         hidden = self.embed_tokens(input_ids).view(rows, -1)
         cos, sin = self._rotary(position_ids.view(rows))
         if self._runs_in_c(hidden, cache):
-            self._layers_in_c(
-                hidden, cos.view(rows, -1), sin.view(rows, -1), attention_mask, cache, on_layer
-            )
+            self._layers_in_c(hidden, cos, sin, attention_mask, cache, on_layer, tokens=1)
         else:
             mask = attention_mask.bool().view(rows, 1, 1, -1)
             for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
@@ -85,6 +87,34 @@ class LlamaDecodeStep:
             on_layer()
         weight, eps = self.final_norm
         return self.lm_head(rms_norm(hidden, weight, eps))
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: DynamicCache,
+    ) -> torch.Tensor:
+        """Logits [rows, vocab] of each row's last token, after feeding every token of
+        input_ids [rows, tokens] (left-padded) through decode_kernel.c; their keys/values go
+        into `cache` (GrowingLayers, see empty_cache) after its columns. attention_mask [rows,
+        cache columns + tokens]. Only where `in_c`."""
+        rows, tokens = (int(n) for n in input_ids.shape)
+        hidden = self.embed_tokens(input_ids).reshape(rows * tokens, -1).contiguous()
+        cos, sin = self._rotary(position_ids.reshape(rows * tokens))
+        if not self._runs_in_c(hidden, cache):
+            raise RuntimeError("prefill in C needs the C kernels and a growing cache")
+        self._layers_in_c(hidden, cos, sin, attention_mask, cache, None, tokens)
+        last = hidden.view(rows, tokens, -1)[:, -1].contiguous()
+        weight, eps = self.final_norm
+        return self.lm_head(rms_norm(last, weight, eps))
+
+    def empty_cache(self, rows: int) -> DynamicCache:
+        """A growing cache of `rows` rows and no columns yet, for prefill."""
+        kv_heads, dim = self.layers[0].attention_shape.kv_heads, self.head_dim
+        empty = torch.empty(rows, kv_heads, 0, dim)
+        return growing_cache([(empty, empty)] * len(self.layers))
 
     def _runs_in_c(self, hidden: torch.Tensor, cache: DynamicCache) -> bool:
         """Whether decode_kernel.c takes this step: built here, shapes it takes, float32 rows,
@@ -103,18 +133,21 @@ class LlamaDecodeStep:
         attention_mask: torch.Tensor,
         cache: DynamicCache,
         on_layer: OnLayer | None,
+        tokens: int,
     ) -> None:
-        """Every layer through decode_kernel.c, hidden [rows, D] updated in place."""
+        """Every layer through decode_kernel.c, hidden [rows x tokens, D] updated in place."""
         mask = attention_mask.to(torch.int64).contiguous()
+        cos, signed_sin = cos.view(hidden.shape[0], -1), signed_sin.view(hidden.shape[0], -1)
         growing = cast(list[GrowingLayer], cache.layers)  # _runs_in_c checked
         for layer, cache_layer in zip(self.layers, growing, strict=True):
             if on_layer is not None:
                 on_layer()
-            keys, values, column = cache_layer.next_column()
-            if column + 1 != mask.shape[1] or keys.dtype != torch.float32:
-                raise RuntimeError(f"KV cache of {column} columns for a mask of {mask.shape[1]}")
-            layer.step_in_c(hidden, cos, signed_sin, CacheColumn(keys, values, column, mask))
-            cache_layer.column_written()
+            keys, values, first = cache_layer.next_columns(tokens)
+            if first + tokens != mask.shape[1] or keys.dtype != torch.float32:
+                raise RuntimeError(f"KV cache of {first} columns for a mask of {mask.shape[1]}")
+            columns = CacheColumns(keys, values, first, mask, tokens)
+            layer.step_in_c(hidden, cos, signed_sin, columns)
+            cache_layer.columns_written(tokens)
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and the signed sin [rows, 1, head_dim] for `rotate_half` done as a flip:
@@ -169,12 +202,15 @@ class _Layer:
         return native, min(copy_rows, default=1 << 30)
 
     def step_in_c(
-        self, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, cache: CacheColumn
+        self, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, cache: CacheColumns
     ) -> None:
         """The layer on hidden [rows, D] in place: one C call where every matmul at this many
-        rows is q4_kernel.c's, else C calls between torch's matmuls (the fp16 copies)."""
+        rows is q4_kernel.c's, else C calls between torch's matmuls (the fp16 copies, or the
+        weights unpacked to float32 for big prefills)."""
         rows = int(hidden.shape[0])
-        if self.native is not None and rows < self.native_max_rows:
+        if self.native is not None and rows < min(
+            self.native_max_rows, quantized_linear.DEQUANTIZED_MIN_ROWS
+        ):
             self.native(hidden, cos, signed_sin, cache)
             return
         weight, eps = self.input_norm

@@ -64,10 +64,10 @@ def q4_kernel() -> ctypes.CDLL | None:
     library.rms_norm.argtypes = [pointer, size, size, pointer, real, pointer]
     library.add_rms_norm.argtypes = [pointer, pointer, size, size, pointer, real, pointer]
     library.silu_mul.argtypes = [pointer, size, size, pointer]
-    library.decode_attention.argtypes = [pointer, *[size] * 4, real, *[pointer] * 4, size, size]
+    library.decode_attention.argtypes = [pointer, *[size] * 5, real, *[pointer] * 4, size, size]
     library.decode_attention.argtypes += [pointer, pointer]
-    library.llama_layer_decode.argtypes = [pointer, pointer, size, *[pointer] * 4, size, size]
-    library.llama_layer_decode.argtypes += [pointer]
+    library.llama_layer_decode.argtypes = [pointer, pointer, size, size, *[pointer] * 4, size]
+    library.llama_layer_decode.argtypes += [size, pointer]
     for name in ("q4_matmul", "q8_matmul", "decode_attention", "llama_layer_decode"):
         getattr(library, name).restype = ctypes.c_int  # 0, or -1: out of memory or shapes
     logger.info("int4 layers on q4_kernel.c (%s)", library._name)

@@ -95,7 +95,9 @@ class Int4Linear(torch.nn.Module):
         """forward(rows, decode=True) for a decode step's 2-D float32 rows, with the common case
         (q4_kernel.c, no bias, under the copy's rows) first: the written-out step calls this
         ~120 times a step, and forward's general checks cost ~10 us a call at one row."""
-        if self.q4 is not None and self.bias is None and not self._takes_copy(rows.shape[0]):
+        num_rows = rows.shape[0]
+        small = num_rows < DEQUANTIZED_MIN_ROWS and not self._takes_copy(num_rows)
+        if self.q4 is not None and self.bias is None and small:
             return _int4_matmul(self, rows)
         return self.forward(rows, decode=True)
 

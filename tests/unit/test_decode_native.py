@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from serve_app.engine.decode_native import (
     AttentionShape,
-    CacheColumn,
+    CacheColumns,
     add_rms_norm,
     decode_attention,
     silu_mul,
@@ -77,7 +77,7 @@ def test_attention_writes_the_column_and_attends_like_sdpa(heads: int, kv_heads:
         scale=shape.scale,
         enable_gqa=True,
     ).reshape(rows, -1)
-    got = decode_attention(qkv, shape, cos, signed_sin, CacheColumn(keys, values, column, mask))
+    got = decode_attention(qkv, shape, cos, signed_sin, CacheColumns(keys, values, column, mask))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(keys[:, :, : column + 1], expected_keys, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(values[:, :, : column + 1], expected_values)

@@ -164,3 +164,54 @@ def test_c_layers_give_the_torch_layers_past_the_caches_spare_columns(model: Any
         assert k.shape == ref_k.shape == (3, 2, 150, 16)
         torch.testing.assert_close(k, ref_k, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(v, ref_v, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="the C kernels do not build here")
+@pytest.mark.parametrize("prefix", [0, 9])
+def test_c_prefill_gives_the_models_forward(model: Any, prefix: int) -> None:
+    """Left-padded prompts (after a cached prefix of `prefix` tokens, itself left-padded in the
+    cache) through LlamaDecodeStep.prefill: the last tokens' logits and every cache column the
+    model's own forward gives; the padded columns are never attended to."""
+    generator = torch.Generator().manual_seed(5)
+    lengths, width = [6, 2, 11], 11
+    ids = torch.randint(3, 300, (3, prefix + width), generator=generator)
+    mask = torch.ones((3, prefix + width), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, prefix : prefix + width - length] = 0  # the rest's left padding
+    mask[1, : prefix // 2] = 0  # a shorter cached prefix, left-padded too
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    reference, c_cache = DynamicCache(), LlamaDecodeStep(model).empty_cache(3)
+    step = LlamaDecodeStep(model)
+    if prefix:
+        with torch.no_grad():
+            model(
+                input_ids=ids[:, :prefix],
+                attention_mask=mask[:, :prefix],
+                position_ids=positions[:, :prefix],
+                past_key_values=reference,
+            )
+        c_cache = growing_cache(cache_kv(reference))
+    with torch.no_grad():
+        expected = model(
+            input_ids=ids[:, prefix:],
+            attention_mask=mask,
+            position_ids=positions[:, prefix:],
+            past_key_values=reference,
+        ).logits[:, -1]
+    got = step.prefill(ids[:, prefix:], positions[:, prefix:], mask, c_cache)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    real = mask.bool()
+    for (ref_k, ref_v), (k, v) in zip(cache_kv(reference), cache_kv(c_cache), strict=True):
+        assert k.shape == ref_k.shape
+        torch.testing.assert_close(
+            k[real.unsqueeze(1).expand_as(k[..., 0])],
+            ref_k[real.unsqueeze(1).expand_as(ref_k[..., 0])],
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        torch.testing.assert_close(
+            v[real.unsqueeze(1).expand_as(v[..., 0])],
+            ref_v[real.unsqueeze(1).expand_as(ref_v[..., 0])],
+            rtol=1e-4,
+            atol=1e-4,
+        )

@@ -511,6 +511,17 @@ def test_an_all_4bit_llama_decodes_each_layer_in_one_c_call(
     for (ref_k, ref_v), (k, v) in zip(cache_kv(caches[1]), cache_kv(caches[0]), strict=True):
         torch.testing.assert_close(k, ref_k, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(v, ref_v, rtol=1e-4, atol=1e-4)
+    # a prefill of 2 x 3 tokens: each layer one C call too, the model's forward's distribution
+    prompt, prompt_mask = ids[:, :3], torch.ones((2, 3), dtype=torch.long)
+    prompt_positions = torch.arange(3).expand(2, 3)
+    calls.clear()
+    prefilled = in_c.prefill(prompt, prompt_positions, prompt_mask, in_c.empty_cache(2))
+    assert calls == []
+    with torch.no_grad():
+        reference = native(input_ids=prompt, past_key_values=DynamicCache()).logits[:, -1]
+    p, q = torch.log_softmax(reference, -1), torch.log_softmax(prefilled, -1)
+    assert float((p.exp() * (p - q)).sum(-1).max()) < 1e-3
+    assert torch.equal(reference.argmax(-1), prefilled.argmax(-1))
     quantized_linear.add_fp16_copies(native, min_rows=2)  # 2 rows now take the copies
     whole_layers: list[int] = []
     monkeypatch.setattr(decode_native.NativeLayer, "__call__", lambda *args: whole_layers.append(1))
