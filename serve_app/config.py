@@ -90,9 +90,9 @@ class EngineOptions(_Strict):
         None,
         ge=1,
         description="weights: native on CPU: 4-bit layers also keep an fp16 copy (fbgemm, ~3.3 "
-        "bytes a weight) for prefill and for decode steps of at least this many rows (Llama "
-        "family; other models' steps always); ~2x the int4 kernel there on CPUs without bf16 "
-        "instructions. None: off",
+        "bytes a weight) for forwards of at least this many rows (Llama family: decode rows "
+        "and, with the C kernels, prefill tokens; otherwise every prefill too); ~2x the int4 "
+        "kernel there on CPUs without bf16 instructions. None: off",
     )
     reasoning_parser: ReasoningParser | None = Field(
         None,

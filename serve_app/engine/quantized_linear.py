@@ -92,9 +92,11 @@ class Int4Linear(torch.nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """forward(rows, decode=True) for a decode step's 2-D float32 rows, with the common case
-        (q4_kernel.c, no bias, under the copy's rows) first: the written-out step calls this
-        ~120 times a step, and forward's general checks cost ~10 us a call at one row."""
+        """forward(rows, decode=True) for the written-out step's 2-D float32 rows (a decode
+        step's, or a C prefill's tokens: under the copy's rows those take the kernel too, so a
+        prompt's rest after a cached prefix can differ from the whole prompt's in float
+        rounding), the common case (q4_kernel.c, no bias, under the copy's rows) first: ~120
+        calls a step, and forward's general checks cost ~10 us a call at one row."""
         num_rows = rows.shape[0]
         small = num_rows < DEQUANTIZED_MIN_ROWS and not self._takes_copy(num_rows)
         if self.q4 is not None and self.bias is None and small:
