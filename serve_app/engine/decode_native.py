@@ -97,6 +97,11 @@ class CacheColumns:
         self.keys, self.values, self.mask = keys, values, mask
         self.first_column, self.tokens = first_column, tokens
 
+    def arguments(self) -> tuple[int, int, int, int, int]:
+        """keys, values, capacity, first column, mask: the C functions' last arguments."""
+        keys, values, mask = self.keys.data_ptr(), self.values.data_ptr(), self.mask.data_ptr()
+        return keys, values, self.keys.shape[2], self.first_column, mask
+
 
 def decode_attention(
     qkv: torch.Tensor,
@@ -119,11 +124,7 @@ def decode_attention(
         shape.scale,
         cos.data_ptr(),
         signed_sin.data_ptr(),
-        cache.keys.data_ptr(),
-        cache.values.data_ptr(),
-        cache.keys.shape[2],
-        cache.first_column,
-        cache.mask.data_ptr(),
+        *cache.arguments(),
         out.data_ptr(),
     )
     return checked(status, out)
@@ -204,10 +205,6 @@ class NativeLayer:
             cache.tokens,
             cos.data_ptr(),
             signed_sin.data_ptr(),
-            cache.keys.data_ptr(),
-            cache.values.data_ptr(),
-            cache.keys.shape[2],
-            cache.first_column,
-            cache.mask.data_ptr(),
+            *cache.arguments(),
         )
         return checked(status, hidden)

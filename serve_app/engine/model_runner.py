@@ -141,15 +141,7 @@ class ModelRunner:
                 cache = self.llama_decode.empty_cache(len(group))
             logits = self.llama_decode.prefill(input_ids, position_ids, mask, cache)
         else:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = out.logits[:, -1, :]
+            logits = self._model_logits(input_ids, mask, position_ids, cache)
         self._remember_prompts(group, cache, mask)
         return cache, mask, logits
 
@@ -159,13 +151,11 @@ class ModelRunner:
         if self._chunk is None or self._chunk.request_id != seq.request_id:
             self._chunk = _ChunkCache(seq.request_id, self._chunk_start_cache(seq))
         cache = self._chunk.cache
-        out = self.model(
-            input_ids=torch.tensor([seq.prompt_ids[start:end]], device=self.device),
-            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
-            position_ids=torch.arange(start, end, device=self.device).unsqueeze(0),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
+        logits = self._model_logits(
+            torch.tensor([seq.prompt_ids[start:end]], device=self.device),
+            torch.ones((1, end), dtype=torch.long, device=self.device),
+            torch.arange(start, end, device=self.device).unsqueeze(0),
+            cache,
         )
         logger.debug("prefill chunk %d-%d of %d tokens", start, end, seq.num_prompt_tokens)
         if end < seq.num_prompt_tokens:
@@ -173,7 +163,7 @@ class ModelRunner:
         self._chunk = None
         mask = torch.ones((1, end), dtype=torch.long, device=self.device)
         self._remember_prompts([seq], cache, mask)
-        return self._join_batch([seq], cache, mask, out.logits[:, -1, :])
+        return self._join_batch([seq], cache, mask, logits)
 
     def decode(self, rows: list[Sequence]) -> Sampled:
         """One step for every running row (in batch order); returns each row's next token."""
@@ -197,12 +187,23 @@ class ModelRunner:
         if self.llama_decode is not None:
             on_layer = self.governor.layer_done if self.governor is not None else None
             return self.llama_decode(input_ids, position_ids, mask, cache, on_layer)
+        return self._model_logits(input_ids, mask, position_ids, cache)
+
+    def _model_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+    ) -> torch.Tensor:
+        """The model's own forward after `cache` (which it extends): the last token's logits."""
         out = self.model(
             input_ids=input_ids,
-            attention_mask=mask,
+            attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,
         )
         return out.logits[:, -1, :]
 

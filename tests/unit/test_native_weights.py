@@ -391,14 +391,27 @@ def test_native_load_gives_transformers_dequantized_logits(tiny_gguf: Path, tmp_
     assert agreement >= 0.9
 
 
+def _prefilled_caches(native: Any, ids: torch.Tensor, count: int) -> list[Any]:
+    """`count` growing caches, each holding the model's own prefill of ids."""
+    from transformers import DynamicCache
+
+    from serve_app.engine.batch import cache_kv, growing_cache
+
+    caches = []
+    for _ in range(count):
+        cache = DynamicCache()
+        with torch.no_grad():
+            native(input_ids=ids, past_key_values=cache)
+        caches.append(growing_cache(cache_kv(cache)))
+    return caches
+
+
 def test_a_native_llama_decodes_through_the_written_out_step(
     tiny_gguf: Path, tmp_path: Path
 ) -> None:
     """ModelRunner takes LlamaDecodeStep for native 4-bit weights (not for float32), and its
     step gives the model's own forward's distribution (bf16 activations: close, not equal)."""
-    from transformers import DynamicCache
 
-    from serve_app.engine.batch import cache_kv, growing_cache
     from serve_app.engine.model_runner import ModelRunner
 
     native, _ = load_native_model(native_folder(tiny_gguf, tmp_path / "n"), AutoModelForCausalLM)
@@ -410,12 +423,7 @@ def test_a_native_llama_decodes_through_the_written_out_step(
     step = ModelRunner(native).llama_decode
     assert step is not None
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-    caches, mask = [], torch.ones((2, 13), dtype=torch.long)
-    for _ in range(2):
-        cache = DynamicCache()
-        with torch.no_grad():
-            native(input_ids=ids, past_key_values=cache)
-        caches.append(growing_cache(cache_kv(cache)))
+    caches, mask = _prefilled_caches(native, ids, 2), torch.ones((2, 13), dtype=torch.long)
     token, positions = ids[:, -1:], torch.full((2, 1), 12)
     with torch.no_grad():
         expected = native(
@@ -435,7 +443,6 @@ def test_fp16_copies_serve_the_written_out_steps_rows(
     kernel while prefill keeps the copies."""
     from transformers import DynamicCache
 
-    from serve_app.engine.batch import cache_kv, growing_cache
     from serve_app.engine.model_runner import ModelRunner
 
     native, _ = load_native_model(native_folder(tiny_gguf, tmp_path / "n"), AutoModelForCausalLM)
@@ -446,12 +453,7 @@ def test_fp16_copies_serve_the_written_out_steps_rows(
     step = ModelRunner(native).llama_decode
     assert step is not None
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-    caches = []
-    for _ in range(3):
-        cache = DynamicCache()
-        with torch.no_grad():
-            native(input_ids=ids, past_key_values=cache)
-        caches.append(growing_cache(cache_kv(cache)))
+    caches = _prefilled_caches(native, ids, 3)
     token, positions, mask = (
         ids[:, -1:],
         torch.full((2, 1), 12),
@@ -483,7 +485,7 @@ def test_an_all_4bit_llama_decodes_each_layer_in_one_c_call(
     from transformers import DynamicCache
 
     from serve_app.engine import decode_native
-    from serve_app.engine.batch import cache_kv, growing_cache
+    from serve_app.engine.batch import cache_kv
     from serve_app.engine.model_runner import ModelRunner
 
     gguf_path = tmp_path / "q4.gguf"
@@ -494,12 +496,7 @@ def test_an_all_4bit_llama_decodes_each_layer_in_one_c_call(
     assert all(layer.native is not None for layer in in_c.layers)
     in_torch.in_c = False
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-    caches = []
-    for _ in range(3):
-        cache = DynamicCache()
-        with torch.no_grad():
-            native(input_ids=ids, past_key_values=cache)
-        caches.append(growing_cache(cache_kv(cache)))
+    caches = _prefilled_caches(native, ids, 3)
     token, positions = ids[:, -1:], torch.full((2, 1), 12)
     mask = torch.ones((2, 13), dtype=torch.long)
     calls = _counting_kernel(monkeypatch)
