@@ -24,6 +24,7 @@ class Stream:
     max_tokens: int
     model: str = CHAT
     gap_limit_s: float = 10.0  # the longest pause between two events that is not a problem
+    ignore_eos: bool = False  # to max_tokens even past an end of text (a stream of known length)
     events: list[tuple[float, str]] = field(default_factory=list)
     failure: str | None = None
     thread: threading.Thread | None = None
@@ -38,6 +39,7 @@ class Stream:
             "stream": True,
             "temperature": 0,
             "max_tokens": self.max_tokens,
+            "ignore_eos": self.ignore_eos,
             "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
         }
         try:

@@ -158,7 +158,10 @@ def deploy_during_stream(cluster: PrivateCluster, config: dict[str, Any], name: 
     """`serve deploy` of `config` while a long SmolLM2 stream is open; waits for both to end."""
     url = cluster.http_url
     rate = tokens_per_second(url)
-    stream = Stream(url, max_tokens=max(300, min(1000, int(rate * STREAM_TARGET_S))))
+    # Long enough to outlast the roll-out at today's rate (1,000 tokens took ~21 s once the
+    # decode step was in C), to its max_tokens whatever the story's end.
+    max_tokens = max(300, min(4000, int(rate * STREAM_TARGET_S)))
+    stream = Stream(url, max_tokens=max_tokens, ignore_eos=True)
     before, pid_before = replica_snapshot(cluster.applications()), chat_pid(url)
     stream.start()
     deadline = time.monotonic() + 120
