@@ -1,5 +1,6 @@
-"""The Python side of decode_kernel.c: a Llama decode step's RMSNorm, SiLU x up, attention with
-its cache write, and whole decoder layers on 4-bit weights (`NativeLayer`), for llama_decode.py.
+"""The Python side of decode_kernel.c: the written-out Llama step's RMSNorm, SiLU x up,
+attention with its cache write, and whole decoder layers on 4-bit weights (`NativeLayer`), for
+llama_decode.py's decode steps and prefills.
 
 Each function takes float32 rows [M, D] and calls the library q4_native.py builds; where it did
 not build (`q4_kernel()` is None) llama_decode.py keeps its torch ops.

@@ -7,8 +7,9 @@ activations: its fast path; float32 activations measured 7-30x slower); other ty
 Q5_x, Q6_K) bf16 weights prepacked for oneDNN. The residual stream stays float32. Big prefill
 forwards (DEQUANTIZED_MIN_ROWS tokens or more) multiply int4 layers by their weights unpacked
 to float32 instead (the same values), or, where the model keeps fp16 copies
-(fp16_copy_min_rows), every prefill forward and the decode steps of that many rows or more
-multiply by the copy (fbgemm's fp16 GEMM).
+(fp16_copy_min_rows), every prefill forward through the model's own forward and the written-out
+Llama step's forwards (decode steps, and prefills where decode_kernel.c runs) of that many rows
+or more multiply by the copy (fbgemm's fp16 GEMM).
 A Q8_0 vocabulary is looked up in the file's own rows (Q8Embedding), and a tied output layer
 multiplies by those same rows where q4_kernel.c runs (Q8Linear); otherwise the output layer is
 fp16 (Fp16Linear). Logits are float32 either way.
@@ -76,10 +77,10 @@ class Int4Linear(torch.nn.Module):
         self.fp16_min_rows = 0
 
     def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
-        """decode: x is one decode step's rows (the written-out step says so): with an fp16
-        copy, fewer than fp16_min_rows of them take the int4 kernel. Every other forward
-        (prefill) takes the copy at any length, so a prompt's keys and values do not depend on
-        how much of it came from the prefix cache."""
+        """decode: x is the written-out step's rows (decode_rows says so): with an fp16 copy,
+        fewer than fp16_min_rows of them take the int4 kernel. A forward of the model's own
+        (prefill off the C path) takes the copy at any length, so there a prompt's keys and
+        values do not depend on how much of it came from the prefix cache."""
         rows = x.reshape(-1, self.in_features)
         if self._takes_copy(rows.shape[0], decode):
             y = self._fp16_matmul(rows).to(x.dtype)
@@ -104,13 +105,13 @@ class Int4Linear(torch.nn.Module):
         return self.forward(rows, decode=True)
 
     def _takes_copy(self, num_rows: int, decode: bool = True) -> bool:
-        """Whether these rows multiply by the fp16 copy: every prefill forward, and decode steps
-        of fp16_min_rows rows or more."""
+        """Whether these rows multiply by the fp16 copy: every forward of the model's own, and
+        the written-out step's forwards of fp16_min_rows rows or more."""
         return bool(self.fp16_parts) and (not decode or num_rows >= self.fp16_min_rows)
 
     def add_fp16_copy(self, min_rows: int) -> None:
-        """Keeps the weight in fp16 too (the kernel's values, rounded once) for prefill and for
-        decode steps of at least min_rows rows."""
+        """Keeps the weight in fp16 too (the kernel's values, rounded once) for the forwards
+        `_takes_copy` names (min_rows rows or more on the written-out step)."""
         weight = self._float32_weight_t().t() if self._unpackable() else self.dequantized()
         self.fp16_parts = [Fp16Linear(weight)]
         self.fp16_min_rows = min_rows

@@ -215,3 +215,25 @@ def test_c_prefill_gives_the_models_forward(model: Any, prefix: int) -> None:
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+def test_decode_rows_leaves_big_forwards_to_the_unpacked_weight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A C prefill of DEQUANTIZED_MIN_ROWS tokens or more multiplies by the weight unpacked to
+    float32 (faster there), fewer through the int4 kernel: the same values either way."""
+    layer, calls = _int4(64), []
+    kernel = quantized_linear._int4_matmul
+
+    def counting(linear: Int4Linear, rows: torch.Tensor) -> torch.Tensor:
+        calls.append(int(rows.shape[0]))
+        return kernel(linear, rows)
+
+    monkeypatch.setattr(quantized_linear, "_int4_matmul", counting)
+    x = torch.randn(quantized_linear.DEQUANTIZED_MIN_ROWS, 128)
+    expected = x.double() @ layer.dequantized().double().t()
+    torch.testing.assert_close(layer.decode_rows(x).double(), expected, rtol=1e-4, atol=1e-4)
+    assert calls == []
+    layer.decode_rows(x[:3])
+    assert calls == [3]

@@ -529,6 +529,54 @@ def test_an_all_4bit_llama_decodes_each_layer_in_one_c_call(
     torch.testing.assert_close(with_copies, expected, rtol=1e-2, atol=1e-2)  # fp16 weights
 
 
+@pytest.mark.skipif(q4_kernel() is None, reason="the C kernels do not build here")
+def test_the_runner_prefills_through_the_c_layers_with_and_without_a_cached_prefix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ModelRunner.prefill of an all-4-bit Llama takes LlamaDecodeStep.prefill, whole prompt or
+    the rest after a cached prefix, and picks the model's own forward's first token."""
+    from typing import Any as AnyType
+
+    from serve_app.engine.llama_decode import LlamaDecodeStep
+    from serve_app.engine.model_runner import ModelRunner
+    from serve_app.engine.sampling import SamplerState
+    from serve_app.engine.sequence import Sequence
+    from serve_app.engine.types import SamplingParams
+
+    gguf_path = tmp_path / "q4.gguf"
+    write_tiny_gguf(gguf_path, linear_types=dict.fromkeys(LINEAR_TYPES, T.Q4_1))
+    native, _ = load_native_model(native_folder(gguf_path, tmp_path / "n"), AutoModelForCausalLM)
+    runner = ModelRunner(native, prefix_cache_tokens=64)
+    prefills: list[int] = []
+    c_prefill = LlamaDecodeStep.prefill
+
+    def counting(self: LlamaDecodeStep, ids: torch.Tensor, *args: AnyType) -> torch.Tensor:
+        prefills.append(int(ids.shape[1]))
+        return c_prefill(self, ids, *args)
+
+    monkeypatch.setattr(LlamaDecodeStep, "prefill", counting)
+    generator = torch.Generator().manual_seed(7)
+    first = torch.randint(0, VOCAB, (20,), generator=generator).tolist()
+    second = first[:16] + torch.randint(0, VOCAB, (5,), generator=generator).tolist()
+    tokens = []
+    for request_id, prompt in (("a", first), ("b", second)):
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=prompt,
+            max_tokens=4,
+            sampler=SamplerState(SamplingParams(temperature=0.0), VOCAB, torch.device("cpu")),
+            detokenizer=AnyType,  # type: ignore[arg-type]  # prefill never detokenizes
+            stop_matcher=AnyType,  # type: ignore[arg-type]
+            sink=lambda _: None,
+        )
+        runner.lookup_prefix(seq)
+        tokens.append(runner.prefill([seq]).token_ids[0])
+        with torch.no_grad():
+            logits = native(input_ids=torch.tensor([prompt])).logits[0, -1]
+        assert tokens[-1] == int(logits.argmax())
+    assert prefills == [20, 5]  # the second prompt's first 16 tokens came from the cache
+
+
 @pytest.fixture()
 def fake_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Native preparation without a real tokenizer: it saves a stub tokenizer.json."""
