@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,13 +127,24 @@ def test_engine_options_of_a_models_own_kind_survive_the_round_trip() -> None:
 
 
 def test_pull_prepares_every_model_and_names_the_ones_that_fail(
-    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`serve-app pull` runs the models' preparations in worker processes: each one ready is
-    reported with its folder, a bad source is reported by name, and the exit status says so."""
+    reported with its folder, a bad source is reported by name, and the exit status says so.
+    The native layers' C library is compiled into the kernel cache too (where this machine can
+    run it), so the engines that start next find it built."""
     import yaml
 
     from serve_app.cli import pull_models
+    from serve_app.engine import q4_native
+
+    kernels = tmp_path / "kernels"
+    monkeypatch.setenv("SERVE_APP_KERNEL_DIR", str(kernels))
+    # the workers fork from this process: none may inherit a library loaded from elsewhere
+    q4_native.q4_kernel.cache_clear()
 
     serve_config = yaml.safe_load((REPO_ROOT / "config" / "serve.yaml").read_text())
     for app in serve_config["applications"]:
@@ -150,6 +162,11 @@ def test_pull_prepares_every_model_and_names_the_ones_that_fail(
     assert "ready  all-minilm-l6-v2" in out
     assert out.count(f"-> {tiny_model_dir}") == 2
     assert "FAILED gemma-3-270m: model 'gemma-3-270m': cannot resolve source" in out
+    built = sorted(kernels.glob("q4_kernel-*.so"))
+    if q4_native._cpu_has("avx2", "fma", "f16c") and shutil.which("cc"):
+        assert "ready  kernels" in out and len(built) == 1 and f"-> {built[0]}" in out
+    else:
+        assert "skip   kernels: no C kernels here" in out and not built
 
 
 def test_a_chunked_package_is_assembled_under_a_lock(
