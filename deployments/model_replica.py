@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,8 +51,10 @@ class ModelReplica(Generic[EngineT]):
         # borrowed"), and the event loop that every stream of this replica runs on never waits
         # for a long prompt (bodies up to 4 MiB).
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        started = time.monotonic()
         try:
             self.engine = build(self.config, Path(cache_dir), replica_has_gpu())
+            logger.info("model %s loaded in %.1f s", self.config.id, time.monotonic() - started)
         except ModelSourceError as exc:
             # Keep the replica up so the other models keep serving; this one answers 503.
             logger.error("model %s unavailable: %s", self.config.id, exc)

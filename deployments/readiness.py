@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 InfoCall = Callable[[str], Awaitable[Any]]
 ModelStatus = Literal["ready", "idle", "loading", "failed"]
 INFO_RETRY_S = 5.0  # after a failed info call, Serve's view alone decides this long
+# Serve's view is read this often at most while a deployment is getting a replica: at a cold
+# start /health turned 200 up to status_ttl_s after the last replica was up.
+STARTING_STATUS_TTL_S = 0.25
 # Serve's deployment statuses in which a deployment without a running replica is getting one.
 _GROWING = frozenset({"UPDATING", "UPSCALING"})
 _FAILED = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
@@ -170,10 +173,17 @@ class ModelReadiness:
     async def _deployment_views(self) -> dict[str, DeploymentView]:
         async with self._views_lock:  # concurrent probes share one controller call
             now = time.monotonic()
-            if self._views_at is None or now - self._views_at >= self.status_ttl_s:
+            if self._views_at is None or now - self._views_at >= self._views_ttl_s():
                 self._views = await self._read_views()
                 self._views_at = time.monotonic()
         return self._views
+
+    def _views_ttl_s(self) -> float:
+        """status_ttl_s, shorter while the cached view shows a replica starting (or nothing)."""
+        starting = not self._views or any(
+            view.num_starting or view.status in _GROWING for view in self._views.values()
+        )
+        return min(self.status_ttl_s, STARTING_STATUS_TTL_S) if starting else self.status_ttl_s
 
     async def _read_views(self) -> dict[str, DeploymentView]:
         try:

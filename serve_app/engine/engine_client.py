@@ -106,8 +106,8 @@ class EngineClient:
             target=self._run, args=(child_end, start), name="engine-io", daemon=True
         )
         self._thread.start()
-        # The replica's tokenizer loads while the child loads its weights (~0.5 s of a cold
-        # start on SmolLM2).
+        # The replica's tokenizer loads while the child loads its own and its weights (~3 s of
+        # a cold start for Gemma-3's tokenizer).
         self._tokenizer_known.wait()
         if self._start_error is None:
             self.tokenizer = _tokenizer(self._info["tokenizer_class"], self._info["weights_dir"])
@@ -359,7 +359,7 @@ class EngineClient:
 
 
 def _tokenizer(class_path: tuple[str, str], weights_dir: str) -> Any:
-    """The tokenizer class AutoTokenizer chose in the child, loaded here by its own name:
+    """The tokenizer class the child loads (serve_app/loading.py, load_tokenizer), by its name:
     AutoTokenizer reads the model's config, which imports torch and much of transformers
     (~2.9 s in a fresh replica, against ~0.8 s for the class itself, measured)."""
     module, name = class_path

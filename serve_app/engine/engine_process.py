@@ -7,8 +7,8 @@ pair carrying pickled tuples (multiprocessing.connection framing). In, from the 
   ("add", [(request_id, prompt_ids, SamplingParams), ...])      one request, or n choices
   ("abort", request_id) | ("compile", (call_id, Constraint)) | ("stop", None)
 Out, to the replica:
-  ("tokenizer", {weights_dir, tokenizer_class})  once its tokenizer is loaded, before the
-                                     weights, so the replica loads its own meanwhile
+  ("tokenizer", {weights_dir, tokenizer_class})  once its tokenizer's class is known (before
+                                     it loads), so the replica loads its own meanwhile
   ("ready", {...}) or ("failed", (error type name, message))    once, after loading
   ("step", (outputs, EngineStats))   after every loop iteration: all rows' new outputs in one
                                      message (and, idle, a heartbeat about once a second)
@@ -145,10 +145,10 @@ def build(
 
     tokenizer_info: dict[str, Any] = {}
 
-    def on_tokenizer(weights_dir: Path, tokenizer: Any) -> None:
+    def on_tokenizer(weights_dir: Path, tokenizer_class: type) -> None:
         tokenizer_info.update(
             weights_dir=str(weights_dir),
-            tokenizer_class=(type(tokenizer).__module__, type(tokenizer).__qualname__),
+            tokenizer_class=(tokenizer_class.__module__, tokenizer_class.__qualname__),
         )
         send(("tokenizer", tokenizer_info))
 

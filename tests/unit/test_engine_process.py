@@ -234,11 +234,12 @@ async def test_missing_weights_in_the_engine_process_answer_503(tmp_path: Path) 
 def test_the_tokenizer_is_announced_before_the_weights_load(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The replica loads its tokenizer while the child loads the weights (engine_client.py):
-    the "tokenizer" message must go out before the model is read."""
+    """The replica loads its tokenizer while the child loads its own and the weights
+    (engine_client.py): the "tokenizer" message must go out before either is read."""
     from transformers import AutoModelForCausalLM
 
     from serve_app.engine import engine_process
+    from serve_app.loading import saved_tokenizer_class
 
     events: list[str] = []
     real_from_pretrained = AutoModelForCausalLM.from_pretrained
@@ -247,7 +248,16 @@ def test_the_tokenizer_is_announced_before_the_weights_load(
         events.append("weights")
         return real_from_pretrained(*args, **kwargs)
 
+    tokenizer_class = saved_tokenizer_class(tiny_model_dir)
+    assert tokenizer_class is not None
+    real_tokenizer_load = tokenizer_class.from_pretrained
+
+    def tokenizer_loading(*args: Any, **kwargs: Any) -> Any:
+        events.append("tokenizer loads")
+        return real_tokenizer_load(*args, **kwargs)
+
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", weights_loading)
+    monkeypatch.setattr(tokenizer_class, "from_pretrained", tokenizer_loading)
     sent: list[tuple[str, Any]] = []
 
     def send(message: tuple[str, Any]) -> None:
@@ -257,10 +267,40 @@ def test_the_tokenizer_is_announced_before_the_weights_load(
     config = tiny_model_config(tiny_model_dir).model_dump(mode="json")
     engine, info = engine_process.build(config, str(tmp_path), False, send)
     try:
-        assert events == ["tokenizer", "weights"]
+        assert events == ["tokenizer", "tokenizer loads", "weights"]
         [(_, announced)] = sent
         assert announced["weights_dir"] == info["weights_dir"]
         cls = type(engine.tokenizer)
+        assert cls is tokenizer_class
         assert announced["tokenizer_class"] == (cls.__module__, cls.__qualname__)
     finally:
         engine.shutdown()
+
+
+def test_a_folder_that_names_no_tokenizer_class_is_loaded_by_autotokenizer(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Without a tokenizer_class in tokenizer_config.json the class is known only once
+    AutoTokenizer has chosen it: the replica hears it then, and gets the same class."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from serve_app.loading import load_tokenizer, saved_tokenizer_class
+
+    folder = tmp_path / "no-class"
+    shutil.copytree(tiny_model_dir, folder)
+    config_path = folder / "tokenizer_config.json"
+    config_path.write_text(
+        json.dumps({**json.loads(config_path.read_text()), "tokenizer_class": None})
+    )
+    assert saved_tokenizer_class(folder) is None
+    heard: list[tuple[Path, type]] = []
+    tokenizer = load_tokenizer(folder, lambda directory, cls: heard.append((directory, cls)))
+    assert heard == [(folder, type(tokenizer))]
+    assert type(tokenizer) is type(AutoTokenizer.from_pretrained(folder))
+    assert (
+        tokenizer("hello world")["input_ids"]
+        == AutoTokenizer.from_pretrained(folder)("hello world")["input_ids"]
+    )

@@ -80,6 +80,23 @@ async def test_concurrent_probes_share_one_status_read(views: Views) -> None:
     assert all(r == {"m": "ready"} for r in results) and views.num_reads == 1
 
 
+async def test_serves_view_is_read_more_often_while_a_replica_starts(views: Views) -> None:
+    """The cached view lives status_ttl_s, but only STARTING_STATUS_TTL_S while it shows a
+    replica starting: the probe after a load must not wait out the long cache."""
+
+    async def ask(model_id: str) -> Any:
+        return {"ready": True}
+
+    readiness = ModelReadiness(ask, status_ttl_s=60.0)
+    views.view = DeploymentView(num_running=0, deployed_at=1.0, num_starting=1)
+    assert await readiness.statuses(["m"]) == {"m": "loading"}
+    views.view = DeploymentView(num_running=1, deployed_at=1.0)  # the replica is up
+    await asyncio.sleep(readiness_module.STARTING_STATUS_TTL_S)
+    assert await readiness.statuses(["m"]) == {"m": "ready"} and views.num_reads == 2
+    await asyncio.sleep(readiness_module.STARTING_STATUS_TTL_S)  # all running: the long cache
+    assert await readiness.statuses(["m"]) == {"m": "ready"} and views.num_reads == 2
+
+
 async def test_controller_failure_reads_as_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken() -> dict[str, DeploymentView]:
         raise ConnectionError("controller gone")
