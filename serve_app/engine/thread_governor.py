@@ -14,6 +14,12 @@ more than SLOW_FACTOR times that, the cores are contended and the rest of the st
 thread. After `retry_s` it tries all threads again (a contended retry costs a few slow layers,
 not a step); the wait doubles while contention lasts. A median, not one layer: a single late
 layer (a timer tick, a short preemption) is no reason to halve the team for a second.
+
+A retry is judged against the one-thread layers just before it, not against the quiet time: all
+threads stay when they beat one thread by RETRY_GAIN, and their time becomes the quiet one. The
+quiet time follows a growing context only slowly (a layer's attention grows with it), so a long
+stream crossed SLOW_FACTOR x a stale quiet time, and every retry was judged against that same
+stale value: a quiet offline engine spent most of a 256-token stream on one thread.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ _RISE_WEIGHT = 0.01
 ACCEPT_FACTOR = 1.5
 FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 30.0
+# A retry keeps all threads when their layers are this much faster than one thread's: quiet,
+# two threads are 1.3-1.5x one; contended, they are slower than one.
+RETRY_GAIN = 1.1
 
 
 class ThreadGovernor:
@@ -53,6 +62,8 @@ class ThreadGovernor:
         self._set_threads = set_threads
         self._clock = clock
         self._quiet: dict[int, float] = {}  # batch rows -> quiet all-thread layer seconds
+        self._one_thread: dict[int, float] = {}  # batch rows -> the last one-thread median
+        self._judging_retry = False  # the first all-thread window since a retry is next
         self._rows = 0
         self._recent: deque[float] = deque(maxlen=WINDOW)
         self._layer_started: float | None = None
@@ -70,6 +81,8 @@ class ThreadGovernor:
             self._recent.clear()
         if self.current < self.threads and now - self._dropped_at >= self._retry_s:
             self._retried_at = now  # a few slow layers drop it again at once
+            self._judging_retry = True
+            self._recent.clear()  # the window holds only all-thread layers
             self._use(self.threads)
 
     def end_step(self) -> None:
@@ -81,13 +94,25 @@ class ThreadGovernor:
             return
         now = self._clock()
         started, self._layer_started = self._layer_started, now
-        if started is None or self.current < self.threads:
-            return  # the first mark of a step; or one-thread times, which say nothing of two
+        if started is None:
+            return  # the first mark of a step
         self._recent.append(now - started)
         if len(self._recent) < WINDOW:
             return
         median = statistics.median(self._recent)
+        if self.current < self.threads:
+            self._one_thread[self._rows] = median  # what all threads must beat at the retry
+            return
         quiet = self._quiet.get(self._rows)
+        one_thread = self._one_thread.get(self._rows)
+        if self._judging_retry:
+            self._judging_retry = False
+            if one_thread is not None:
+                if median * RETRY_GAIN >= one_thread:  # no faster than one: still contended
+                    self._drop(now)
+                else:  # contention is over; the context may have grown since the quiet time
+                    self._quiet[self._rows] = median
+                return
         if quiet is not None and median > SLOW_FACTOR * quiet:
             logger.info(
                 "layers %.1f ms, quiet %.1f ms at %d rows: one thread",
@@ -105,6 +130,7 @@ class ThreadGovernor:
         self._dropped_at = now
         self.num_drops += 1
         self._recent.clear()
+        self._judging_retry = False
         self._use(1)
 
     def _use(self, threads: int) -> None:

@@ -1,7 +1,7 @@
 """The thread governor (serve_app/engine/thread_governor.py) on a fake clock: one thread once the
 recent layers of a decode step run slower than that batch size's quiet ones (one late layer is
-not enough), all threads again after the retry wait, the wait doubling while contention lasts;
-and its hooks on a real model's decoder layers."""
+not enough), all threads again after the retry wait, kept when they beat one thread's layers,
+the wait doubling while contention lasts; and its hooks on a real model's decoder layers."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def step(governor: ThreadGovernor, clock: Clock, layer_s: list[float], rows: int
 
 QUIET = [0.002, 0.0021, 0.0019, 0.0024, 0.002, 0.0018] * 5  # 30 layers, with the usual jitter
 CONTENDED = [0.006] * 30  # measured: a contended two-thread layer is 2.6-3.2x a quiet one
+ONE_THREAD = [0.0028] * 30  # and one thread's 1.3-1.5x
 
 
 def test_steady_layers_keep_every_thread() -> None:
@@ -98,13 +99,13 @@ def test_it_retries_after_the_wait_and_waits_longer_while_contended() -> None:
     step(governor, clock, QUIET)
     step(governor, clock, CONTENDED)  # contended: one thread
     clock.now += FIRST_RETRY_S / 2
-    step(governor, clock, [0.030] * 30)  # one-thread layers are not judged
+    step(governor, clock, ONE_THREAD)  # one-thread layers are only recorded
     assert calls == [1]
     clock.now += FIRST_RETRY_S
     step(governor, clock, CONTENDED)  # retried with two threads: still contended
     assert calls == [1, 2, 1]
     clock.now += FIRST_RETRY_S + 0.1
-    step(governor, clock, QUIET)  # the wait doubled: not yet
+    step(governor, clock, ONE_THREAD)  # the wait doubled: not yet
     assert calls == [1, 2, 1]
     clock.now += FIRST_RETRY_S
     step(governor, clock, QUIET)  # contention over: two threads stay
@@ -144,3 +145,22 @@ def test_it_hooks_every_decoder_layer_of_a_model(tiny_model_dir: Path) -> None:
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3]]))
     assert len(seen) == model.config.num_hidden_layers + 1  # before each layer, after the last
+
+
+def test_a_grown_context_does_not_keep_the_engine_on_one_thread() -> None:
+    """A long stream's layers slow as its context grows, past SLOW_FACTOR x a quiet time that
+    follows them only slowly: that drop is undone at the retry, where two threads beat one,
+    and their time becomes the quiet one (the served engine stayed on one thread before)."""
+    governor, clock, calls = make()
+    for _ in range(5):
+        step(governor, clock, QUIET)
+    grown = [2.5 * s for s in QUIET]  # the same batch, a longer context, no contention
+    step(governor, clock, grown)
+    assert calls == [1]  # taken for contention
+    step(governor, clock, [1.4 * s for s in grown])  # one thread: 1.4x slower, recorded
+    clock.now += FIRST_RETRY_S
+    for _ in range(20):
+        step(governor, clock, grown)
+    assert calls == [1, 2] and governor.current == 2 and governor.num_drops == 1
+    step(governor, clock, [3 * s for s in grown])  # real contention is still seen
+    assert calls == [1, 2, 1]
