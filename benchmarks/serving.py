@@ -142,6 +142,12 @@ def parse_args() -> argparse.Namespace:
         help="engine options (YAML values) of serve-app's SmolLM2 and the offline engine alike",
     )
     parser.add_argument(
+        "--smollm2-replicas",
+        type=int,
+        default=None,
+        help="serve-app's SmolLM2 at this many replicas (default: the config's)",
+    )
+    parser.add_argument(
         "--replica-env",
         nargs="+",
         default=[],
@@ -225,6 +231,7 @@ def server_command(
             [targets.SMOLLM2_ID] if args.smollm2_only else None,
             engine_overrides(args),
             replica_env(args),
+            args.smollm2_replicas,
         )
         return command, port, targets.SMOLLM2_ID, {}
     if name == "transformers-serve":
@@ -700,6 +707,7 @@ def main_rounds(
             "level_timeout_s": args.level_timeout_s,
             "engine_overrides": engine_overrides(args),
             "smollm2_only": args.smollm2_only,
+            "smollm2_replicas": args.smollm2_replicas,
             "total_s": time.perf_counter() - started,
         },
         **results,

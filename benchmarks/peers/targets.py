@@ -53,15 +53,19 @@ def derive_serve_config(
     model_ids: list[str] | None,
     engine: dict[str, Any] | None = None,
     replica_env: dict[str, str] | None = None,
+    smollm2_replicas: int | None = None,
 ) -> dict[str, Any]:
     """config/serve.yaml on 127.0.0.1:`port`, keeping only `model_ids` (all when None), with
-    `engine` options set on every model kept and `replica_env` in every deployment's env_vars
-    (over deployments/app.py's REPLICA_ENV_VARS)."""
+    `engine` options set on every model kept, `replica_env` in every deployment's env_vars
+    (over deployments/app.py's REPLICA_ENV_VARS) and SmolLM2 at `smollm2_replicas` replicas."""
     config = yaml.safe_load((REPO_ROOT / "config" / "serve.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     config = config if model_ids is None else with_models(config, set(model_ids))
-    for entry in model_entries(config).values():
+    for model_id, entry in model_entries(config).items():
         entry.setdefault("engine", {}).update(engine or {})
+        if model_id == SMOLLM2_ID and smollm2_replicas is not None:
+            autoscaling = entry.setdefault("deployment", {}).setdefault("autoscaling_config", {})
+            autoscaling.update(min_replicas=smollm2_replicas, max_replicas=smollm2_replicas)
     if replica_env:
         for app in config["applications"]:
             owner = app["args"].get("model") or app["args"]["ingress"]
@@ -78,10 +82,11 @@ def serve_app_command(
     model_ids: list[str] | None,
     engine: dict[str, Any] | None = None,
     replica_env: dict[str, str] | None = None,
+    smollm2_replicas: int | None = None,
 ) -> tuple[list[str], int]:
     port = free_port()
     config_path = out_dir / f"{name}.yaml"
-    config = derive_serve_config(port, model_ids, engine, replica_env)
+    config = derive_serve_config(port, model_ids, engine, replica_env, smollm2_replicas)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return [str(VENV_BIN / "serve"), "run", str(config_path)], port
 

@@ -128,3 +128,19 @@ def test_benchmark_replica_env_reaches_every_deployment_over_the_defaults() -> N
             **REPLICA_ENV_VARS,
             **off,
         }
+
+
+def test_benchmark_config_can_run_smollm2_at_several_replicas() -> None:
+    """benchmarks/serving.py --smollm2-replicas: SmolLM2's deployment at that many replicas
+    (a fixed count), the other models as config/serve.yaml has them."""
+    from benchmarks.peers.targets import SMOLLM2_ID, derive_serve_config
+    from serve_app.config import model_entries
+
+    shipped = model_entries(derive_serve_config(8123, None))
+    entries = model_entries(derive_serve_config(8123, None, {"torch_threads": 1}, None, 2))
+    autoscaling = entries[SMOLLM2_ID]["deployment"]["autoscaling_config"]
+    assert autoscaling["min_replicas"] == autoscaling["max_replicas"] == 2
+    assert entries[SMOLLM2_ID]["engine"]["torch_threads"] == 1
+    for model_id, entry in entries.items():
+        if model_id != SMOLLM2_ID:
+            assert entry["deployment"] == shipped[model_id]["deployment"]
