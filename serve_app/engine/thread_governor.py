@@ -62,8 +62,9 @@ class ThreadGovernor:
         self._set_threads = set_threads
         self._clock = clock
         self._quiet: dict[int, float] = {}  # batch rows -> quiet all-thread layer seconds
-        self._one_thread: dict[int, float] = {}  # batch rows -> the last one-thread median
-        self._judging_retry = False  # the first all-thread window since a retry is next
+        # What the first all-thread window after a retry must beat: the median of the last
+        # one-thread layers of the same batch size (None: the quiet time decides).
+        self._retry_bar: float | None = None
         self._rows = 0
         self._recent: deque[float] = deque(maxlen=WINDOW)
         self._layer_started: float | None = None
@@ -81,7 +82,8 @@ class ThreadGovernor:
             self._recent.clear()
         if self.current < self.threads and now - self._dropped_at >= self._retry_s:
             self._retried_at = now  # a few slow layers drop it again at once
-            self._judging_retry = True
+            full = len(self._recent) == WINDOW  # one-thread layers (cleared if the rows changed)
+            self._retry_bar = statistics.median(self._recent) if full else None
             self._recent.clear()  # the window holds only all-thread layers
             self._use(self.threads)
 
@@ -96,23 +98,18 @@ class ThreadGovernor:
         started, self._layer_started = self._layer_started, now
         if started is None:
             return  # the first mark of a step
-        self._recent.append(now - started)
-        if len(self._recent) < WINDOW:
+        self._recent.append(now - started)  # one-thread layers: only the next retry's bar
+        if self.current < self.threads or len(self._recent) < WINDOW:
             return
         median = statistics.median(self._recent)
-        if self.current < self.threads:
-            self._one_thread[self._rows] = median  # what all threads must beat at the retry
+        bar, self._retry_bar = self._retry_bar, None
+        if bar is not None:
+            if median * RETRY_GAIN >= bar:  # all threads no faster than one: still contended
+                self._drop(now)
+            else:  # contention is over; the context may have grown since the quiet time
+                self._quiet[self._rows] = median
             return
         quiet = self._quiet.get(self._rows)
-        one_thread = self._one_thread.get(self._rows)
-        if self._judging_retry:
-            self._judging_retry = False
-            if one_thread is not None:
-                if median * RETRY_GAIN >= one_thread:  # no faster than one: still contended
-                    self._drop(now)
-                else:  # contention is over; the context may have grown since the quiet time
-                    self._quiet[self._rows] = median
-                return
         if quiet is not None and median > SLOW_FACTOR * quiet:
             logger.info(
                 "layers %.1f ms, quiet %.1f ms at %d rows: one thread",
@@ -130,7 +127,7 @@ class ThreadGovernor:
         self._dropped_at = now
         self.num_drops += 1
         self._recent.clear()
-        self._judging_retry = False
+        self._retry_bar = None
         self._use(1)
 
     def _use(self, threads: int) -> None:
