@@ -9,15 +9,13 @@ version from its args, so a change to one model's args restarts only that model'
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ray.serve import Application, Deployment
 
 from deployments.embedding_server import EmbeddingServer
-from deployments.engine_zygote import start_zygote_early
 from deployments.ingress import IngressDeployment
-from deployments.llm_server import ENGINE_PROCESS_ENV, LLMServer
+from deployments.llm_server import LLMServer
 from serve_app.config import DeploymentOptions, IngressAppConfig, ModelAppConfig, ModelConfig
 
 # The replica half of Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode: user code and the
@@ -50,17 +48,7 @@ def build_ingress_app(args: dict[str, Any]) -> Application:
 def _model_app(model: ModelConfig, cache_dir: str) -> Application:
     server: Deployment = EmbeddingServer if model.kind == "embedding" else LLMServer  # type: ignore[assignment]
     options = serve_options(model.serve_deployment())
-    actor_options = options["ray_actor_options"]
-    if _forks_cpu_engines(model, actor_options):
-        start_zygote_early(actor_options["runtime_env"])
     return server.options(name=model.id, **options).bind(model.model_dump(mode="json"), cache_dir)
-
-
-def _forks_cpu_engines(model: ModelConfig, actor_options: dict[str, Any]) -> bool:
-    """Whether this model's replicas fork their engine processes from the node's zygote."""
-    env_vars = actor_options["runtime_env"].get("env_vars") or {}
-    in_child = env_vars.get(ENGINE_PROCESS_ENV, os.environ.get(ENGINE_PROCESS_ENV, "1")) != "0"
-    return model.kind != "embedding" and in_child and not actor_options.get("num_gpus")
 
 
 def serve_options(deployment: DeploymentOptions) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -73,8 +72,15 @@ def zygote_socket() -> str | None:
     outside Ray, or not available here."""
     if os.environ.get(ZYGOTE_ENV, "1") == "0" or not ray.is_initialized() or not can_fork_engines():
         return None
+    node_id = ray.get_runtime_context().get_node_id()
     try:
-        keeper = _keeper(ray.get_runtime_context().get_node_id())
+        keeper = EngineZygote.options(  # type: ignore[attr-defined]
+            name=f"engine-zygote-{_code_version()}-{node_id}",
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote()
         path: str | None = ray.get(keeper.socket_path_when_warm.remote(), timeout=_WARM_TIMEOUT_S)
     except Exception:  # noqa: BLE001  # the replica still starts, spawning its engine itself
         logger.exception("no engine zygote on this node")
@@ -82,36 +88,3 @@ def zygote_socket() -> str | None:
     if path is None:
         logger.warning("the engine zygote on this node is not running")
     return path
-
-
-def start_zygote_early(runtime_env: dict[str, Any]) -> None:
-    """Creates this node's keeper now, without waiting, when an LLM app is built on a one-node
-    cluster (`serve run` on one machine): the zygote imports while Serve starts the replicas,
-    instead of from the first replica's constructor on (the engines forked ~25 s into a cold
-    start of the shipped config, ~6 s after the zygote began). `runtime_env` is the replicas':
-    the zygote imports torch under their environment (OpenMP reads it at load). On more nodes a
-    replica may land elsewhere, so each node's first replica starts its own, as before."""
-    env_vars = runtime_env.get("env_vars") or {}
-    if env_vars.get(ZYGOTE_ENV, os.environ.get(ZYGOTE_ENV, "1")) == "0":
-        return
-    if not ray.is_initialized() or not can_fork_engines():
-        return
-    try:
-        if sum(1 for node in ray.nodes() if node["Alive"]) == 1:
-            _keeper(ray.get_runtime_context().get_node_id(), runtime_env)
-    except Exception:  # noqa: BLE001  # the replicas start it themselves
-        logger.exception("could not start the engine zygote early")
-
-
-def _keeper(node_id: str, runtime_env: dict[str, Any] | None = None) -> Any:
-    """This node's keeper actor, created if none runs (then with `runtime_env`, else the
-    caller's)."""
-    options: dict[str, Any] = {"runtime_env": runtime_env} if runtime_env is not None else {}
-    return EngineZygote.options(  # type: ignore[attr-defined]
-        name=f"engine-zygote-{_code_version()}-{node_id}",
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        **options,
-    ).remote()

@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -118,7 +117,6 @@ def test_a_bad_request_is_refused_and_the_zygote_keeps_forking(
 _REPLICA = r"""
 import sys
 from pathlib import Path
-from typing import Any
 from serve_app.engine.engine_client import EngineClient
 from tests.unit.conftest import tiny_model_config
 client = EngineClient(tiny_model_config(Path(sys.argv[1])), Path(sys.argv[2]), False, sys.argv[3])
@@ -199,58 +197,3 @@ def test_no_zygote_raises_and_the_client_spawns_instead(
         assert client.pid is not None and parent_of(client.pid) == os.getpid()
     finally:
         client.shutdown()
-
-
-class Keepers:
-    """The keepers start_zygote_early creates, recorded instead of started, on `nodes`."""
-
-    def __init__(self) -> None:
-        self.created: list[tuple[Any, ...]] = []
-        self.nodes = [{"Alive": True}]
-
-
-@pytest.fixture()
-def keepers(monkeypatch: pytest.MonkeyPatch) -> Keepers:
-    import ray
-
-    from deployments import engine_zygote
-
-    recorded = Keepers()
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "nodes", lambda: recorded.nodes)
-    monkeypatch.setattr(
-        ray, "get_runtime_context", lambda: type("C", (), {"get_node_id": lambda self: "n1"})()
-    )
-    monkeypatch.setattr(engine_zygote, "can_fork_engines", lambda: True)
-    monkeypatch.setattr(engine_zygote, "_keeper", lambda *args: recorded.created.append(args))
-    monkeypatch.delenv(engine_zygote.ZYGOTE_ENV, raising=False)
-    return recorded
-
-
-def test_building_a_cpu_llm_app_on_one_node_starts_the_zygote(keepers: Keepers) -> None:
-    """The app builder starts the node's zygote (with the replicas' environment) so it imports
-    while Serve starts the replicas; an embedding model or a GPU replica does not."""
-    from deployments.app import _model_app
-    from serve_app.config import ModelConfig
-
-    def model(kind: str = "chat", **fields: Any) -> ModelConfig:
-        return ModelConfig.model_validate({"id": "m", "kind": kind, "source": "/x", **fields})
-
-    _model_app(model("embedding"), "/cache")
-    _model_app(model(deployment={"ray_actor_options": {"num_gpus": 1}}), "/cache")
-    assert keepers.created == []
-    _model_app(model(), "/cache")
-    [(node_id, runtime_env)] = keepers.created
-    assert node_id == "n1" and runtime_env["env_vars"]["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
-
-
-def test_no_early_zygote_on_several_nodes_or_when_turned_off(keepers: Keepers) -> None:
-    from deployments.engine_zygote import ZYGOTE_ENV, start_zygote_early
-
-    keepers.nodes.append({"Alive": True})  # a second node: the replicas may land on either
-    start_zygote_early({})
-    keepers.nodes.pop()
-    start_zygote_early({"env_vars": {ZYGOTE_ENV: "0"}})
-    assert keepers.created == []
-    start_zygote_early({})
-    assert len(keepers.created) == 1
