@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 from serve_app.config import EngineOptions, ModelConfig
 from serve_app.engine.embedding import EmbeddingEngine
@@ -57,8 +58,6 @@ TokenizerHook = Callable[[Path, type[Any]], None]
 def saved_tokenizer_class(directory: Path) -> type[Any] | None:
     """The tokenizer class the folder's tokenizer_config.json names, as AutoTokenizer resolves
     that name (transformers' tokenizer_class_from_name), or None where it names none."""
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-
     try:
         name = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
     except (OSError, ValueError):
