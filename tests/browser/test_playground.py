@@ -45,7 +45,7 @@ async ([intervalMs, timeoutMs]) => {
         return {model: c.dataset.model, status: reply.dataset.status,
                 text: reply.querySelector('[data-testid=message-content]').innerText};
       });
-      samples.push(row);
+      samples.push({t: Math.round(performance.now() - start), row});
       const busy = row.some((r) => r.status === 'streaming');
       if ((row.length && !busy) || performance.now() - start > timeoutMs) return resolve(samples);
       setTimeout(tick, intervalMs);
@@ -95,6 +95,19 @@ def start_compare(chat: Any, models: list[str], prompt: str) -> None:
     expect(page.get_by_test_id("compare-column")).to_have_count(len(models))
 
 
+def timeline(timed_samples: list[Any]) -> dict[str, Any]:
+    """Per compare column, the ms (from the send) of its first streamed text and of its end."""
+    marks: dict[str, dict[str, int]] = {}
+    for sample in timed_samples:
+        for r in sample["row"]:
+            mark = marks.setdefault(r["model"], {})
+            if r["status"] == "streaming" and r["text"]:
+                mark.setdefault("first_text_ms", sample["t"])
+            if r["status"] != "streaming":
+                mark.setdefault("ended_ms", sample["t"])
+    return marks
+
+
 def column(page: Any, model_id: str) -> Any:
     return page.locator(f"[data-testid=compare-column][data-model='{model_id}']")
 
@@ -109,7 +122,10 @@ def column_reply(page: Any, model_id: str) -> Any:
 def test_compare_streams_both_columns_at_once(chat: Any) -> None:
     page = chat.page
     chat.set_temperature(0)
-    chat.set_max_tokens(48)
+    # Long enough that SmolLM2 (~30 tok/s) still streams when Gemma's first token comes: with
+    # both engines prefilling on 2 cores, Gemma's TTFT reached 0.5-2.6 s, SmolLM2's 48 tokens
+    # took 1.1-1.6 s.
+    chat.set_max_tokens(128)
     paths: dict[str, Any] = {}
     page.on(
         "request",
@@ -121,7 +137,8 @@ def test_compare_streams_both_columns_at_once(chat: Any) -> None:
     )
     page.get_by_test_id("settings-toggle").click()  # closed again, for the screenshot
     start_compare(chat, [CHAT_MODEL, BASE_MODEL], "Write a long story about a dragon.")
-    samples = page.evaluate(SAMPLE_COLUMNS_JS, [15, 180_000])
+    timed_samples = page.evaluate(SAMPLE_COLUMNS_JS, [15, 180_000])
+    samples = [sample["row"] for sample in timed_samples]
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT_DIR / "compare_mode.png"))  # README's picture
 
@@ -139,7 +156,8 @@ def test_compare_streams_both_columns_at_once(chat: Any) -> None:
     both_growing = [
         row for row in samples if all(r["status"] == "streaming" and r["text"] for r in row)
     ]
-    assert both_growing, "the two columns never streamed at the same time"
+    marks = timeline(timed_samples)
+    assert both_growing, f"the two columns never streamed at the same time: {marks}"
 
     # SmolLM2 chats; Gemma is a base model: /v1/completions with a transcript prompt.
     chat_url, chat_body = paths[CHAT_MODEL]
