@@ -145,6 +145,9 @@ class DeploymentOptions(_Strict):
     health_check_period_s: float | None = None
     health_check_timeout_s: float | None = None
     graceful_shutdown_timeout_s: float | None = None
+    # Serve's RequestRouterConfig; unset, LLM models get the prefix-affinity router
+    # (deployments/prefix_router.py)
+    request_router_config: dict[str, Any] | None = None
 
     def to_serve_options(self) -> dict[str, Any]:
         options = self.model_dump(exclude_none=True)
