@@ -56,14 +56,17 @@ def derive_serve_config(
     smollm2_replicas: int | None = None,
 ) -> dict[str, Any]:
     """config/serve.yaml on 127.0.0.1:`port`, keeping only `model_ids` (all when None), with
-    `engine` options set on every model kept, `replica_env` in every deployment's env_vars
+    `engine` options on SmolLM2 (the measured model; an LLM option such as max_prefill_tokens
+    would fail the embedding model's config), `replica_env` in every deployment's env_vars
     (over deployments/app.py's REPLICA_ENV_VARS) and SmolLM2 at `smollm2_replicas` replicas."""
     config = yaml.safe_load((REPO_ROOT / "config" / "serve.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     config = config if model_ids is None else with_models(config, set(model_ids))
     for model_id, entry in model_entries(config).items():
+        if model_id != SMOLLM2_ID:
+            continue
         entry.setdefault("engine", {}).update(engine or {})
-        if model_id == SMOLLM2_ID and smollm2_replicas is not None:
+        if smollm2_replicas is not None:
             autoscaling = entry.setdefault("deployment", {}).setdefault("autoscaling_config", {})
             autoscaling.update(min_replicas=smollm2_replicas, max_replicas=smollm2_replicas)
     if replica_env:

@@ -162,3 +162,19 @@ def test_benchmark_config_can_run_smollm2_at_several_replicas() -> None:
     for model_id, entry in entries.items():
         if model_id != SMOLLM2_ID:
             assert entry["deployment"] == shipped[model_id]["deployment"]
+
+
+def test_benchmark_engine_options_go_to_smollm2_only() -> None:
+    """--engine-option max_prefill_tokens=64 (an LLM option) must leave the embedding model's
+    config valid (it failed the whole service before); the other models stay as shipped."""
+    from benchmarks.peers.targets import SMOLLM2_ID, derive_serve_config
+    from serve_app.config import ModelConfig, model_entries
+
+    shipped = model_entries(derive_serve_config(8123, None))
+    engine = {"max_prefill_tokens": 64, "torch_threads": 1}
+    entries = model_entries(derive_serve_config(8123, None, engine))
+    assert entries[SMOLLM2_ID]["engine"]["max_prefill_tokens"] == 64
+    for model_id, entry in entries.items():
+        ModelConfig.model_validate(entry)
+        if model_id != SMOLLM2_ID:
+            assert entry == shipped[model_id]
