@@ -14,7 +14,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from serve_app.protocol import MAX_MESSAGES, MAX_STOP_STRINGS, _integral, _Request, check_kinds
+from serve_app.protocol import (
+    MAX_MESSAGES,
+    MAX_STOP_STRINGS,
+    _integral,
+    _Request,
+    cached_tokens,
+    check_kinds,
+)
 
 _BLOCKS = ("text", "tool_use", "tool_result")
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
@@ -351,11 +358,12 @@ def _tool_use_block(call: dict[str, Any]) -> dict[str, Any]:
 
 def usage_from_chat(usage: dict[str, Any] | None) -> dict[str, int]:
     usage = usage or {}
-    return {
-        "input_tokens": usage.get("prompt_tokens", 0),
+    cached = cached_tokens(usage)
+    return {  # Anthropic's input_tokens leave out what was read from the cache
+        "input_tokens": usage.get("prompt_tokens", 0) - cached,
         "output_tokens": usage.get("completion_tokens", 0),
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": cached,
     }
 
 

@@ -441,10 +441,20 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # of prompt_tokens, taken from the model's prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """The prompt tokens a chat usage object (as JSON) says came from the prefix cache."""
+    return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
 class ModelCard(BaseModel):

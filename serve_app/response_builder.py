@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from serve_app.engine.types import RequestOutput, TokenLogprob
-from serve_app.protocol import Usage
+from serve_app.protocol import PromptTokensDetails, Usage
 from serve_app.response_types import (
     AssistantMessage,
     ChatChoice,
@@ -69,6 +69,7 @@ class ChoiceState:
         self.tool_parser = ToolOutputParser() if has_tools else None
         self.finish_reason: str | None = None
         self.num_generated = 0
+        self.num_cached_prompt_tokens = 0
         self.error: str | None = None
 
     @property
@@ -80,6 +81,9 @@ class ChoiceState:
         self.reasoning_parts.append(output.reasoning)
         self.logprobs.extend(output.logprobs or [])
         self.num_generated = output.num_generated_tokens
+        self.num_cached_prompt_tokens = max(
+            self.num_cached_prompt_tokens, output.num_cached_prompt_tokens
+        )
         if output.finish_reason is not None:
             self.finish_reason = str(output.finish_reason)
             self.error = output.error
@@ -237,10 +241,13 @@ class ResponseBuilder:
         return _completion_choice(choice.index, choice.text, logprobs, choice.api_finish_reason)
 
     def usage(self) -> Usage:
+        # The choices share one prompt: its cached part is counted once, as the prompt is.
+        cached = max(choice.num_cached_prompt_tokens for choice in self.choices)
         return Usage(
             prompt_tokens=self.num_prompt_tokens,
             completion_tokens=self.num_completion_tokens,
             total_tokens=self.num_prompt_tokens + self.num_completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
     # ---- logprobs and envelopes --------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
-from serve_app.protocol import MAX_MESSAGES, _Request, check_kinds
+from serve_app.protocol import MAX_MESSAGES, _Request, cached_tokens, check_kinds
 
 _TEXT_PARTS = ("input_text", "output_text")
 _ITEM_KINDS = ("message", "function_call", "function_call_output")
@@ -345,7 +345,7 @@ def usage_from_chat(usage: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return {
         "input_tokens": usage.get("prompt_tokens", 0),
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached_tokens(usage), "cache_write_tokens": 0},
         "output_tokens": usage.get("completion_tokens", 0),
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.get("total_tokens", 0),

@@ -96,6 +96,7 @@ class OutputProcessor:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_generated_tokens=seq.num_generated,
             finish_reason=reason,
+            num_cached_prompt_tokens=seq.num_cached or 0,
             error=error,
             queue_time_s=seq.queue_time_s,
             logprobs=logprobs,

@@ -76,6 +76,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_generated_tokens: int
     finish_reason: FinishReason | None = None
+    num_cached_prompt_tokens: int = 0  # of the prompt's tokens, taken from the prefix cache
     error: str | None = None
     queue_time_s: float = 0.0  # submit -> start of prefill
     logprobs: list[TokenLogprob] | None = None  # the tokens behind `text`, when asked for

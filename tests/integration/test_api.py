@@ -183,6 +183,9 @@ def test_a_resent_conversation_is_prefilled_from_the_prefix_cache(
     )
     reused = stats(service_url)["num_cached_prompt_tokens"] - before
     assert answer.usage and reused >= answer.usage.prompt_tokens - 16  # the whole first turn
+    # ...and the response says so, as OpenAI's usage does (read by the official client).
+    assert cached.usage and cached.usage.prompt_tokens_details
+    assert cached.usage.prompt_tokens_details.cached_tokens == reused
     assert cached.choices[0].message.content and cached.choices[0].finish_reason in (
         "stop",
         "length",

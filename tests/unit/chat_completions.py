@@ -6,7 +6,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-USAGE = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+# 8 of the 11 prompt tokens came from the model's prefix cache
+USAGE = {
+    "prompt_tokens": 11,
+    "completion_tokens": 5,
+    "total_tokens": 16,
+    "prompt_tokens_details": {"cached_tokens": 8},
+}
 
 
 def completion(

@@ -319,7 +319,9 @@ def test_sdk_create_gives_text_stop_reason_and_usage() -> None:
     (block,) = message.content
     assert isinstance(block, types.TextBlock) and block.text == "Hello there."
     assert message.stop_reason == "end_turn" and message.stop_sequence is None
-    assert (message.usage.input_tokens, message.usage.output_tokens) == (11, 5)
+    # Anthropic counts the prompt tokens read from the cache apart from input_tokens.
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (3, 5)
+    assert message.usage.cache_read_input_tokens == 8
     assert server.chat_bodies[0]["messages"][0] == {"role": "system", "content": "Be nice."}
     assert server.chat_bodies[0]["max_tokens"] == 32
 
@@ -380,7 +382,8 @@ def test_sdk_stream_helper_gives_text_stream_and_final_message() -> None:
     assert pieces == ["Hel", "lo", " there"]
     assert isinstance(final.content[0], types.TextBlock) and final.content[0].text == "Hello there"
     assert final.stop_reason == "end_turn"
-    assert (final.usage.input_tokens, final.usage.output_tokens) == (11, 5)
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 5)
+    assert final.usage.cache_read_input_tokens == 8
     assert server.chat_bodies[0]["stream_options"] == {"include_usage": True}
 
 

@@ -140,6 +140,22 @@ def test_a_repeated_prompt_is_prefilled_from_the_cache_with_the_same_answer(
     assert first == second == greedy_text(tiny_model_dir, engine, ids, 12)
 
 
+def test_outputs_carry_the_prompt_tokens_taken_from_the_cache(
+    tiny_model_dir: Path, engine: LLMEngine
+) -> None:
+    """What usage.prompt_tokens_details.cached_tokens reports (response_builder.py)."""
+    cached = prefix_engine(tiny_model_dir, engine)
+    ids = prompt_ids(engine, LONG_PROMPT)
+    outputs: dict[str, list[RequestOutput]] = {"a": [], "b": []}
+    for request_id in ("a", "b"):
+        sink = outputs[request_id].append
+        cached.submit(request_id, ids, SamplingParams(temperature=0.0, max_tokens=4), sink)
+        while not (outputs[request_id] and outputs[request_id][-1].is_finished):
+            iterate(cached)
+    assert {o.num_cached_prompt_tokens for o in outputs["a"]} == {0}
+    assert {o.num_cached_prompt_tokens for o in outputs["b"]} == {full_blocks(len(ids) - 1)}
+
+
 def test_one_prefill_mixing_cached_and_uncached_rows_matches_generate(
     tiny_model_dir: Path, engine: LLMEngine
 ) -> None:

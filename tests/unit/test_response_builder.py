@@ -37,6 +37,17 @@ def test_a_chat_stream_sends_role_then_only_what_each_delta_sets() -> None:
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello"}
 
 
+def test_usage_reports_the_cached_prompt_tokens_once_for_all_choices() -> None:
+    builder = ResponseBuilder(ResponseIds("r", "m", "completions", created=1), 5, 2)
+    assert builder.usage().model_dump()["prompt_tokens_details"] == {"cached_tokens": 0}
+    builder.add(0, output(" a", 1, FinishReason.LENGTH, num_cached_prompt_tokens=4))
+    builder.add(1, output(" b", 1, FinishReason.LENGTH, num_cached_prompt_tokens=4))
+    body = builder.response()
+    CompletionResponse.model_validate(body)
+    assert body["usage"]["prompt_tokens"] == 5
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 4}
+
+
 def test_tool_calls_stream_as_deltas_and_end_as_a_message() -> None:
     builder = ResponseBuilder(ResponseIds("r", "m", "chat", created=1), 5, has_tools=True)
     answer = json.dumps({"tool_calls": [{"name": "f", "arguments": {"x": 1}}]})

@@ -322,7 +322,7 @@ def test_sdk_create_gives_output_text_and_usage() -> None:
     assert response.usage is not None
     assert (response.usage.input_tokens, response.usage.output_tokens) == (11, 5)
     assert response.usage.total_tokens == 16
-    assert response.usage.input_tokens_details.cached_tokens == 0
+    assert response.usage.input_tokens_details.cached_tokens == 8
     assert response.usage.output_tokens_details.reasoning_tokens == 0
     assert server.chat_bodies[0]["messages"][0] == {"role": "system", "content": "Be nice."}
 
