@@ -72,6 +72,12 @@ class EngineOptions(_Strict):
         ge=16,
         description="prefill tokens per engine iteration; longer prompts are prefilled in chunks",
     )
+    max_prefill_rows: int | None = Field(
+        None,
+        ge=1,
+        description="prompts prefilled together in one forward (None: as many as fit); fewer "
+        "give a burst of requests its first tokens sooner, a group at a time",
+    )
     stream_interval: int = Field(
         1, ge=1, description="tokens per streamed chunk after the first (>1: fewer messages)"
     )
@@ -118,6 +124,7 @@ LLM_ONLY_OPTIONS = frozenset(
     {
         "max_num_seqs",
         "max_prefill_tokens",
+        "max_prefill_rows",
         "stream_interval",
         "default_max_tokens",
         "prefix_cache_tokens",

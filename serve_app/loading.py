@@ -150,6 +150,7 @@ def build_llm_engine(
             max_model_len=context_length(model.config, options),
             eos_token_ids=eos_token_ids(model, tokenizer),
             max_prefill_tokens=options.max_prefill_tokens,
+            max_prefill_rows=options.max_prefill_rows,
             stream_interval=options.stream_interval,
             prefix_cache_tokens=options.prefix_cache_tokens,
             thread=thread,

@@ -59,6 +59,7 @@ class LLMEngine:
         max_model_len: int,
         eos_token_ids: set[int],
         max_prefill_tokens: int = 256,
+        max_prefill_rows: int | None = None,
         stream_interval: int = 1,
         prefix_cache_tokens: int = 0,
         thread: InferenceThread | None = None,
@@ -71,6 +72,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens,
+            max_prefill_rows=max_prefill_rows,
             lookup_prefix=self.runner.lookup_prefix,
         )
         self.processor = OutputProcessor(

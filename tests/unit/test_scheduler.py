@@ -142,3 +142,31 @@ def test_identical_prompts_count_once_against_the_budget() -> None:
         sched.add(choice)
     sched.add(seq("other", 20))
     assert ids(sched.schedule().group) == ["n-0", "n-1", "n-2"]  # 20 padded, not 60
+
+
+def test_max_prefill_rows_prefills_a_burst_a_group_at_a_time() -> None:
+    """16 short prompts at once fit one 256-token forward; capped at 4 rows, the first four get
+    their first token after a forward of 4 (n choices of one prompt still share a row)."""
+    sched = Scheduler(
+        max_num_seqs=32,
+        max_prefill_tokens=256,
+        max_prefill_rows=4,
+        lookup_prefix=lambda s: setattr(s, "num_cached", 0),
+    )
+    choices = [seq("n", 12) for _ in range(2)]
+    for index, choice in enumerate(choices):
+        choice.request_id = f"n-{index}"
+        sched.add(choice)
+    for number in range(14):
+        sched.add(seq(f"r{number}", 12))
+    groups = []
+    while sched.waiting:
+        group = sched.schedule().group
+        groups.append(ids(group))
+        sched.start_running(group)
+    assert groups[0] == ["n-0", "n-1", "r0", "r1", "r2"]  # 4 distinct prompts
+    assert [len(group) for group in groups] == [5, 4, 4, 3]
+    uncapped = scheduler(max_num_seqs=32, max_prefill_tokens=256)
+    for number in range(16):
+        uncapped.add(seq(f"r{number}", 12))
+    assert len(uncapped.schedule().group) == 16
