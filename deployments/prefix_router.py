@@ -41,6 +41,8 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        if len(candidate_replicas) < 2:  # nothing to choose: no hashing on the shipped config
+            return [candidate_replicas]
         hashes = _prompt_hashes(pending_request)
         by_id = {replica.replica_id: replica for replica in candidate_replicas}
         ranks = rank_replicas(hashes, list(by_id), self._index, self._queue_len, self._imbalance)
@@ -49,12 +51,12 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
     ) -> None:
-        hashes = _prompt_hashes(pending_request)
-        if not hashes:
-            return
-        self._index.add(hashes, replica_id)
         if self._index.num_replicas > len(self._replicas):
             self._index.keep_only(self._replicas)
+        # One replica: nothing to remember (a second one learns from the requests after it).
+        hashes = _prompt_hashes(pending_request) if len(self._replicas) > 1 else []
+        if hashes:
+            self._index.add(hashes, replica_id)
 
     def _queue_len(self, replica_id: ReplicaID) -> int | None:
         if not self._use_replica_queue_len_cache:

@@ -147,6 +147,8 @@ def test_router_sends_the_next_turn_where_the_first_went() -> None:
         ranks = asyncio.run(router.choose_replicas(replicas, later))  # type: ignore[arg-type]
         assert ranks[0] == [chosen]
 
+    assert asyncio.run(router.choose_replicas(replicas[:1], later)) == [replicas[:1]]  # type: ignore[arg-type]
+
     stats_call = FakePending([])  # stats(), info(): no prompt, any replica
     firsts = set()
     for _ in range(50):
