@@ -16,7 +16,6 @@ from ray.serve import Application, Deployment
 from deployments.embedding_server import EmbeddingServer
 from deployments.ingress import IngressDeployment
 from deployments.llm_server import LLMServer
-from deployments.prefix_router import PREFIX_ROUTER_CONFIG
 from serve_app.config import DeploymentOptions, IngressAppConfig, ModelAppConfig, ModelConfig
 
 # The replica half of Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode: user code and the
@@ -49,8 +48,6 @@ def build_ingress_app(args: dict[str, Any]) -> Application:
 def _model_app(model: ModelConfig, cache_dir: str) -> Application:
     server: Deployment = EmbeddingServer if model.kind == "embedding" else LLMServer  # type: ignore[assignment]
     options = serve_options(model.serve_deployment())
-    if server is LLMServer:
-        options.setdefault("request_router_config", PREFIX_ROUTER_CONFIG)
     return server.options(name=model.id, **options).bind(model.model_dump(mode="json"), cache_dir)
 
 

@@ -27,7 +27,8 @@ from serve_app.prefix_affinity import (
     rank_replicas,
 )
 
-# What build_model_app gives an LLM deployment unless its config names a router of its own.
+# A model's `deployment: request_router_config:` that picks this router (opt-in for now: with
+# it as the default, a saturation test of the ingress flaked in CI twice; docs/benchmarks.md).
 PREFIX_ROUTER_CONFIG = {"request_router_class": "deployments.prefix_router:PrefixAffinityRouter"}
 
 

@@ -17,6 +17,7 @@ import openai
 import pytest
 import yaml
 
+from deployments.prefix_router import PREFIX_ROUTER_CONFIG
 from serve_app.config import ingress_deployment, model_entries, with_models
 from tests.conftest import SERVE_CONFIG, running_service
 
@@ -36,6 +37,7 @@ def two_replica_config() -> dict[str, Any]:
     model["deployment"].update(
         ray_actor_options={"num_cpus": 0.3, "num_gpus": 0},
         autoscaling_config={"min_replicas": 2, "max_replicas": 2},
+        request_router_config=PREFIX_ROUTER_CONFIG,
     )
     ingress_deployment(config)["ray_actor_options"] = {"num_cpus": 0.1}
     return config

@@ -97,8 +97,9 @@ def test_the_builders_name_each_deployment_after_its_model() -> None:
     assert len(ingress.init_args) == 1 and "models" in ingress.init_args[0]
 
 
-def test_language_models_get_the_prefix_affinity_router_unless_their_config_names_one() -> None:
+def test_a_model_config_can_name_the_prefix_affinity_router() -> None:
     from deployments.app import build_model_app
+    from deployments.prefix_router import PREFIX_ROUTER_CONFIG
 
     def router_of(args: dict[str, Any]) -> str:
         config = build_model_app(args)._bound_deployment._deployment_config
@@ -106,13 +107,10 @@ def test_language_models_get_the_prefix_affinity_router_unless_their_config_name
 
     apps = {app["name"]: app for app in serve_config()["applications"]}
     ours = "deployments.prefix_router:PrefixAffinityRouter"
-    assert router_of(apps["smollm2-135m-instruct"]["args"]) == ours
-    assert router_of(apps["gemma-3-270m"]["args"]) == ours
-    assert router_of(apps["all-minilm-l6-v2"]["args"]) != ours  # embeddings: no prefix cache
-    own = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
     args = apps["smollm2-135m-instruct"]["args"]
-    args["model"]["deployment"]["request_router_config"] = {"request_router_class": own}
-    assert router_of(args) == own
+    assert router_of(args) != ours  # opt-in: Serve's default router unless named
+    args["model"]["deployment"]["request_router_config"] = PREFIX_ROUTER_CONFIG
+    assert router_of(args) == ours
 
 
 def test_every_replica_gets_ray_serves_fast_path_env_unless_its_config_says_otherwise() -> None:
