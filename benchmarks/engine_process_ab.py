@@ -109,6 +109,8 @@ def main() -> None:
             "after/before": median_ratio(rows, names[1], names[0], c),
             "before/offline": median_ratio(rows, names[0], "offline", c),
             "after/offline": median_ratio(rows, names[1], "offline", c),
+            "ttft_p50 after/before": median_ratio(rows, names[1], names[0], c, "ttft_p50_s"),
+            "ttft_p50 after/offline": median_ratio(rows, names[1], "offline", c, "ttft_p50_s"),
         }
         for c in (1, 16)
     }

@@ -11,7 +11,8 @@ Out, to the replica:
                                      it loads), so the replica loads its own meanwhile
   ("ready", {...}) or ("failed", (error type name, message))    once, after loading
   ("step", (outputs, EngineStats))   after every loop iteration: all rows' new outputs in one
-                                     message (and, idle, a heartbeat about once a second)
+                                     message (and, idle, a heartbeat about once a second); also
+                                     after a prefill a decode step follows (first tokens)
   ("compiled", (call_id, error message or None))
 """
 

@@ -85,8 +85,9 @@ class LLMEngine:
         self._loop: Future[None] | None = None  # the step loop, once started
         self._is_stopping = False
         self.last_step_at = time.monotonic()
-        # Called on the inference thread after every iteration (and once after the loop ends):
-        # the engine process (engine_process.py) sends that iteration's outputs from it.
+        # Called on the inference thread after every iteration, after a prefill that a decode
+        # step follows, and once after the loop ends: the engine process (engine_process.py)
+        # sends the outputs made since the last call from it.
         self.on_step: Callable[[], None] | None = None
 
     # ---- public API (any thread) -------------------------------------------------------
@@ -246,20 +247,27 @@ class LLMEngine:
     def step(self) -> None:
         """Takes new requests and aborts, prefills what the scheduler picked, decodes once."""
         self._drain_inbox(block=False)
-        self._prefill(self.scheduler.schedule())
+        if self._prefill(self.scheduler.schedule()) and self.scheduler.running:
+            # First tokens go out now, not after the decode step of every running row: a
+            # request joining a busy batch would otherwise wait one more step for its first.
+            self._after_step()
         if self.scheduler.running:
             self._decode()
 
-    def _prefill(self, plan: SchedulerOutput) -> None:
+    def _prefill(self, plan: SchedulerOutput) -> bool:
+        """Runs this iteration's prefill; True when some request got its first token."""
         if plan.group:
             logger.debug("prefill %d requests", len(plan.group))
             first = self.runner.prefill(plan.group)
             self._joined(plan.group, first)
-        elif plan.chunk is not None:
+            return True
+        if plan.chunk is not None:
             chunk = plan.chunk
             first_of_chunk = self.runner.prefill_chunk(chunk.seq, chunk.start, chunk.end)
             if first_of_chunk is not None:
                 self._joined([chunk.seq], first_of_chunk)
+                return True
+        return False
 
     def _joined(self, seqs: list[Sequence], first: Sampled) -> None:
         self.scheduler.start_running(seqs)

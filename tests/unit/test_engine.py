@@ -279,6 +279,34 @@ def test_running_streams_keep_decoding_while_a_long_prompt_prefills(
     assert [seq.request_id for seq in chunked.scheduler.running] == ["short", "long"]
 
 
+def test_first_tokens_go_out_before_the_running_rows_decode(
+    tiny_model_dir: Path, engine: LLMEngine
+) -> None:
+    """on_step (the engine process's send) runs between a prefill and the decode step, so a
+    request joining a busy batch does not wait a whole decode step for its first token."""
+    manual = manual_engine(tiny_model_dir, engine, max_prefill_tokens=64)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    sent: list[dict[str, int]] = []  # per on_step call: tokens made so far, per running row
+
+    def send() -> None:
+        sent.append({seq.request_id: seq.num_generated for seq in manual.scheduler.running})
+
+    manual.on_step = send
+    manual.submit("running", prompt_ids(engine, "The"), params, lambda _: None)
+    manual.step()  # its prefill (token 1), a send, then its first decode step (token 2)
+    assert sent == [{"running": 1}]
+    manual.submit("joining", prompt_ids(engine, "def main():"), params, lambda _: None)
+    manual.step()
+    # Sent once the joining request had its first token, before the running row's third.
+    assert sent[1:] == [{"running": 2, "joining": 1}]
+    manual.step()  # no prefill: nothing sent mid-step (the loop sends after each step)
+    assert len(sent) == 2
+    assert {seq.request_id: seq.num_generated for seq in manual.scheduler.running} == {
+        "running": 4,
+        "joining": 3,
+    }
+
+
 def test_abort_during_chunked_prefill_frees_its_slot(
     tiny_model_dir: Path, engine: LLMEngine
 ) -> None:
