@@ -125,8 +125,9 @@ class Scheduler:
         self.running.extend(seqs)
 
     def free_finished(self) -> list[int]:
-        """Forgets finished rows; returns the batch rows that stay (to free the others' KV)."""
-        keep = [row for row, seq in enumerate(self.running) if not seq.is_finished]
+        """Forgets finished rows; returns the batch rows that stay, in their new order (to
+        free the others' KV): the last rows move into the freed places, so few rows move."""
+        keep = rows_after_leaving([not seq.is_finished for seq in self.running])
         if len(keep) < len(self.running):
             self.running = [self.running[row] for row in keep]
         for request_id in [i for i, seq in self.requests.items() if seq.is_finished]:
@@ -158,3 +159,14 @@ class Scheduler:
         if end == seq.num_prompt_tokens:
             self.chunked = None  # it joins the running batch after this chunk
         return Chunk(seq, start, end)
+
+
+def rows_after_leaving(stays: list[bool]) -> list[int]:
+    """The batch rows that stay, as the new order: row j is old row result[j]. A staying row
+    among the first len(result) keeps its place; the freed places there take the staying rows
+    after them, in order. So result[j] >= j, and only as many rows move as places were freed
+    below the new row count."""
+    staying = [row for row, stays_here in enumerate(stays) if stays_here]
+    count = len(staying)
+    movers = iter(row for row in staying if row >= count)
+    return [row if stays[row] else next(movers) for row in range(count)]

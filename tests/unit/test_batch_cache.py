@@ -57,3 +57,20 @@ def test_keep_selects_rows_and_drops_left_columns() -> None:
     new_keys, new_values = _kv(2, 1, seed=9)
     got_keys, _ = layer.update(new_keys, new_values)
     assert torch.equal(got_keys, torch.cat([keys[[3, 1], :, 2:], new_keys], dim=2))
+
+
+def test_rows_join_into_spare_rows_right_aligned_and_leave_by_moving_in_place() -> None:
+    keys, values = _kv(2, 6, seed=0)
+    layer = GrowingLayer(keys, values, spare_rows=2)
+    buffer = layer._key_buffer
+    new_keys, new_values = _kv(1, 4, seed=1)
+    assert layer.can_append(1, 4) and not layer.can_append(1, 7) and not layer.can_append(3, 4)
+    layer.append(new_keys, new_values)
+    padded = torch.cat([torch.zeros((1, 2, 2, 4)), new_keys], dim=2)  # zeros on its left
+    assert torch.equal(layer.keys, torch.cat([keys, padded]))
+    assert layer._key_buffer is buffer
+    layer.move_rows([2, 1])  # row 0 left; the last row took its place
+    assert torch.equal(layer.keys, torch.cat([padded, keys[1:2]]))
+    assert layer._key_buffer is buffer
+    got_keys, _ = layer.update(*_kv(2, 1, seed=2))  # a decode step writes the two rows only
+    assert got_keys.shape == (2, 2, 7, 4) and layer.get_seq_length() == 7

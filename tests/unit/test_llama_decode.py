@@ -166,6 +166,88 @@ def test_c_layers_give_the_torch_layers_past_the_caches_spare_columns(model: Any
         torch.testing.assert_close(v, ref_v, rtol=1e-4, atol=1e-4)
 
 
+class _Alone:
+    """One request fed through the model's own forward with a cache of its own."""
+
+    def __init__(self, model: Any, prompt: torch.Tensor) -> None:
+        self.model, self.cache, self.length = model, DynamicCache(), int(prompt.shape[0])
+        self.logits = self._forward(prompt[None], torch.arange(self.length)[None])
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.model(input_ids=ids, position_ids=positions, past_key_values=self.cache)
+        return out.logits[0, -1]
+
+    @property
+    def token(self) -> int:
+        return int(self.logits.argmax())
+
+    def step(self) -> None:
+        self.logits = self._forward(torch.tensor([[self.token]]), torch.tensor([[self.length]]))
+        self.length += 1
+
+
+def test_rows_join_and_leave_the_batch_in_place_under_the_c_layers(model: Any) -> None:
+    """BatchCache rows that join (into spare rows, or by one copy when wider than the batch)
+    and leave (the last row moved into the freed place, or the padding columns trimmed)
+    between C decode steps: every row's logits stay those of its own forward alone."""
+    from serve_app.engine.batch import BatchCache, GrowingLayer
+    from serve_app.engine.scheduler import rows_after_leaving
+
+    step = LlamaDecodeStep(model)
+    assert step.in_c
+    generator = torch.Generator().manual_seed(11)
+    batch, rows = BatchCache(), []
+
+    def join(length: int) -> None:
+        alone = _Alone(model, torch.randint(3, 300, (length,), generator=generator))
+        rows.append(alone)
+        batch.append_rows(
+            growing_cache(cache_kv(alone.cache)), torch.ones((1, length), dtype=torch.long)
+        )
+
+    def decode(steps: int) -> None:
+        for _ in range(steps):
+            tokens = torch.tensor([[alone.token] for alone in rows])
+            positions = torch.tensor([[alone.length] for alone in rows])
+            assert batch.cache is not None
+            got = step(tokens, positions, batch.decode_mask(), batch.cache)
+            for alone in rows:
+                alone.step()
+            torch.testing.assert_close(got, torch.stack([a.logits for a in rows]), **CLOSE)
+
+    def leave(*leaving: int) -> None:
+        keep = rows_after_leaving([row not in leaving for row in range(len(rows))])
+        batch.keep_rows(keep)
+        rows[:] = [rows[row] for row in keep]
+
+    def layer0() -> GrowingLayer:
+        assert batch.cache is not None
+        return batch.cache.layers[0]  # type: ignore[return-value]
+
+    join(9)
+    buffer = layer0()._key_buffer
+    join(5)  # narrower than the batch: written into a spare row
+    decode(3)
+    join(4)
+    assert layer0()._key_buffer is buffer
+    decode(2)
+    join(30)  # wider than the batch (14 columns): one copy of all, left-padded
+    assert layer0()._key_buffer is not buffer
+    decode(3)
+    buffer = layer0()._key_buffer
+    leave(0)  # the last row (30 tokens) moves into row 0
+    assert rows[0].length == 33 and layer0()._key_buffer is buffer
+    decode(2)
+    leave(0)  # the long row leaves: 18 all-padding columns on the left, trimmed (one copy)
+    assert layer0()._key_buffer is not buffer and batch.attention_mask is not None
+    assert bool(batch.attention_mask[:, 0].any())
+    decode(3)
+
+
+CLOSE = {"rtol": 1e-4, "atol": 1e-4}
+
+
 @pytest.mark.skipif(q4_kernel() is None, reason="the C kernels do not build here")
 @pytest.mark.parametrize("prefix", [0, 9])
 def test_c_prefill_gives_the_models_forward(model: Any, prefix: int) -> None:

@@ -170,3 +170,17 @@ def test_max_prefill_rows_prefills_a_burst_a_group_at_a_time() -> None:
     for number in range(16):
         uncapped.add(seq(f"r{number}", 12))
     assert len(uncapped.schedule().group) == 16
+
+
+def test_rows_after_leaving_moves_the_last_rows_into_the_freed_places() -> None:
+    from serve_app.engine.scheduler import rows_after_leaving
+
+    assert rows_after_leaving([True, False, True, True]) == [0, 3, 2]  # one row moves
+    assert rows_after_leaving([False, False, True, True]) == [2, 3]
+    assert rows_after_leaving([True, True, False, False]) == [0, 1]  # nothing moves
+    assert rows_after_leaving([True, False, True, False, True]) == [0, 4, 2]
+    assert rows_after_leaving([False]) == [] and rows_after_leaving([]) == []
+    for stays in ([True, False] * 5, [False, True, True, False, False, True, True]):
+        kept = rows_after_leaving(stays)
+        assert sorted(kept) == [row for row, s in enumerate(stays) if s]
+        assert all(old >= new for new, old in enumerate(kept))  # safe to move in place
