@@ -84,14 +84,11 @@ class ModelRunner:
 
     def _remember(self, token_ids: list[int], layers: LayerKV, columns: torch.Tensor) -> None:
         """Caches token_ids' keys/values, found at `columns` of `layers` (one row each)."""
-        if self.prefix_cache is None:
+        if self.prefix_cache is None or len(token_ids) < BLOCK_TOKENS:
             return
-        num_full = len(token_ids) // BLOCK_TOKENS * BLOCK_TOKENS
-        if num_full == 0:
-            return
-        columns = columns[:num_full]  # gathered once: the cache keeps these copies
+        columns = columns[: len(token_ids)]  # gathered once: the cache keeps these copies
         kept = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in layers]
-        self.prefix_cache.store(token_ids[:num_full], kept)
+        self.prefix_cache.store(token_ids, kept)
 
     def _remember_prompts(self, seqs: list[Sequence], cache: DynamicCache, mask: Any) -> None:
         """Caches each row's prompt from a batch cache whose mask marks the real columns."""
@@ -99,8 +96,8 @@ class ModelRunner:
             return
         layers = cache_kv(cache)
         for row, seq in enumerate(seqs):
-            if seq.num_prompt_tokens // BLOCK_TOKENS * BLOCK_TOKENS <= (seq.num_cached or 0):
-                continue  # nothing new: what it could add is what it was given
+            if seq.num_prompt_tokens - 1 <= (seq.num_cached or 0):
+                continue  # all but its last token came from the cache: nothing worth adding
             row_layers = [(k[row : row + 1], v[row : row + 1]) for k, v in layers]
             self._remember(seq.prompt_ids, row_layers, mask[row].nonzero().squeeze(1))
 

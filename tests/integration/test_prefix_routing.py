@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 MODEL = "smollm2-135m-instruct"
 CONVERSATIONS = 12
-BLOCK_TOKENS = 8  # the engine caches whole blocks of 8 prompt tokens (engine/prefix_cache.py)
+BLOCK_TOKENS = 8  # a hit reaches at least the whole 8-token blocks (engine/prefix_cache.py)
 COLORS = ["red", "green", "blue", "yellow", "white"]
 
 

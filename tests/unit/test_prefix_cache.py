@@ -24,18 +24,36 @@ def kv(num_tokens: int, value: float) -> list[tuple[torch.Tensor, torch.Tensor]]
 B = BLOCK_TOKENS
 
 
-def test_lookup_finds_the_longest_cached_block_prefix_and_leaves_a_token() -> None:
+def test_lookup_finds_the_longest_cached_prefix_and_leaves_a_token() -> None:
     cache = PrefixCache(max_tokens=4 * B)
     tokens = list(range(2 * B + B // 2))
     cache.store(tokens, kv(len(tokens), 1.0))
-    assert cache.num_tokens == 2 * B  # full blocks only
-    hit = cache.lookup(tokens[: B + B // 4] + [999])
-    assert hit is not None and hit.num_tokens == B
-    assert hit.layers[1][0].shape == (1, 2, B, 4) and float(hit.layers[1][0][0, 0, 0, 0]) == 2.0
+    assert cache.num_tokens == 2 * B + B // 2  # the partial last block too
+    hit = cache.lookup(tokens[: B + B // 4] + [999])  # a whole block, then 2 tokens into the next
+    assert hit is not None and hit.num_tokens == B + B // 4
+    assert hit.layers[1][0].shape == (1, 2, B + B // 4, 4)
+    assert float(hit.layers[1][0][0, 0, 0, 0]) == 2.0
     hit = cache.lookup(tokens[: 2 * B + 1])
     assert hit is not None and hit.num_tokens == 2 * B
+    hit = cache.lookup(tokens)  # the same prompt again: all but its last token
+    assert hit is not None and hit.num_tokens == len(tokens) - 1
+    hit = cache.lookup([*tokens, 5, 6])  # a longer one: all the entry holds
+    assert hit is not None and hit.num_tokens == len(tokens)
     assert cache.lookup(tokens[:B]) is None  # a hit must leave the last token to compute
     assert cache.lookup([7, *tokens[1:]]) is None  # the first block differs
+    cache.store(tokens[: B - 1], kv(B - 1, 5.0))  # under one block: nothing to index it by
+    assert cache.num_tokens == 2 * B + B // 2
+
+
+def test_the_entry_that_goes_furthest_past_the_last_whole_block_is_used() -> None:
+    cache = PrefixCache(max_tokens=8 * B)
+    shared = list(range(B))
+    cache.store([*shared, 1, 2, 3, 4, 5], kv(B + 5, 1.0))
+    cache.store([*shared, 1, 2, 9], kv(B + 3, 2.0))  # newer, but shares less of the prompt
+    hit = cache.lookup([*shared, 1, 2, 3, 4, 7])
+    assert hit is not None and hit.num_tokens == B + 4 and float(hit.layers[0][0].max()) == 1.0
+    cache.store([*shared, 1, 2, 3, 4, 5, 6], kv(B + 6, 3.0))  # extends the first: replaces it
+    assert cache.num_tokens == (B + 3) + (B + 6)
 
 
 def test_an_answer_replaces_its_prompt_entry_and_old_entries_are_evicted() -> None:
@@ -136,7 +154,7 @@ def test_a_repeated_prompt_is_prefilled_from_the_cache_with_the_same_answer(
     first = run(cached, {"a": (ids, 12)})["a"]
     assert cached.stats().num_cached_prompt_tokens == 0
     second = run(cached, {"b": (ids, 12)})["b"]
-    assert cached.stats().num_cached_prompt_tokens == full_blocks(len(ids) - 1) > 0
+    assert cached.stats().num_cached_prompt_tokens == len(ids) - 1  # only its last token fed
     assert first == second == greedy_text(tiny_model_dir, engine, ids, 12)
 
 
@@ -153,7 +171,7 @@ def test_outputs_carry_the_prompt_tokens_taken_from_the_cache(
         while not (outputs[request_id] and outputs[request_id][-1].is_finished):
             iterate(cached)
     assert {o.num_cached_prompt_tokens for o in outputs["a"]} == {0}
-    assert {o.num_cached_prompt_tokens for o in outputs["b"]} == {full_blocks(len(ids) - 1)}
+    assert {o.num_cached_prompt_tokens for o in outputs["b"]} == {len(ids) - 1}
 
 
 def test_one_prefill_mixing_cached_and_uncached_rows_matches_generate(
@@ -172,7 +190,7 @@ def test_one_prefill_mixing_cached_and_uncached_rows_matches_generate(
     # One forward for all three: each row's cached prefix, padding, then the rest of its prompt.
     hits = {seq.request_id: seq.num_cached for seq in cached.scheduler.running}
     shared = full_blocks(40)
-    assert hits == {"extends": full_blocks(len(long_ids)), "fresh": 0, "shares-40-tokens": shared}
+    assert hits == {"extends": len(long_ids), "fresh": 0, "shares-40-tokens": shared}
     while cached.scheduler.running:
         cached.step()
     for request_id, ids in prompts.items():
@@ -191,7 +209,7 @@ def test_the_next_turn_of_a_chat_reuses_the_cached_answer(
     text = run(cached, {"turn-2": (next_turn, 8)})["turn-2"]
     reused = cached.stats().num_cached_prompt_tokens - before
     # The cache holds the question and all but the last answer token (never fed back).
-    assert reused == full_blocks(len(question) + len(answer) - 1) > full_blocks(len(question))
+    assert reused == len(question) + len(answer) - 1 > len(question)
     assert text == greedy_text(tiny_model_dir, engine, next_turn, 8)
 
 
