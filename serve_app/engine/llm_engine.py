@@ -40,10 +40,6 @@ from serve_app.engine.types import (
 logger = logging.getLogger(__name__)
 
 GRAMMAR_TIMEOUT_S = 10.0  # a grammar still compiling after this answers 400 (vLLM #54003)
-# While requests wait to be admitted, up to this many group prefills run back to back before
-# the running rows decode (a 16-request burst in groups of 4: first tokens 3 decode steps
-# sooner for the last group; the running rows stall that long at most).
-MAX_DECODES_WAITED = 3
 
 
 class LLMEngine:
@@ -85,7 +81,6 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer, self.runner.vocab_size, eos_token_ids)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._num_steps = 0
-        self._decodes_waited = 0  # group prefills in a row without a decode step
         self._thread = thread or InferenceThread()
         self._loop: Future[None] | None = None  # the step loop, once started
         self._is_stopping = False
@@ -250,27 +245,14 @@ class LLMEngine:
     # ---- one iteration (the inference thread; tests call it directly) ------------------
 
     def step(self) -> None:
-        """Takes new requests and aborts, prefills what the scheduler picked, decodes once
-        (or, while a burst of requests is being admitted, prefills the next group first)."""
+        """Takes new requests and aborts, prefills what the scheduler picked, decodes once."""
         self._drain_inbox(block=False)
-        prefilled = self._prefill(self.scheduler.schedule())
-        if not self.scheduler.running:
-            return
-        if prefilled and self._decode_can_wait():
-            self._decodes_waited += 1
-            return  # the loop sends these first tokens now
-        self._decodes_waited = 0
-        if prefilled:
+        if self._prefill(self.scheduler.schedule()) and self.scheduler.running:
             # First tokens go out now, not after the decode step of every running row: a
             # request joining a busy batch would otherwise wait one more step for its first.
             self._after_step()
-        self._decode()
-
-    def _decode_can_wait(self) -> bool:
-        """A burst's next group is prefilled before the running rows decode, at most
-        MAX_DECODES_WAITED times in a row: the requests waiting get their first tokens a
-        decode step sooner each, the running rows one token later."""
-        return self._decodes_waited < MAX_DECODES_WAITED and self.scheduler.can_admit()
+        if self.scheduler.running:
+            self._decode()
 
     def _prefill(self, plan: SchedulerOutput) -> bool:
         """Runs this iteration's prefill; True when some request got its first token."""

@@ -76,11 +76,6 @@ class Scheduler:
         if seq is not None and not seq.is_finished:
             seq.status = SequenceStatus.ABORTED
 
-    def can_admit(self) -> bool:
-        """Requests wait and the batch has room for one (a long prompt mid-chunks holds it)."""
-        has_room = len(self.running) + (self.chunked is not None) < self.max_num_seqs
-        return bool(self.waiting) and has_room
-
     def take_aborted(self) -> list[Sequence]:
         """Aborted requests whose final output is still to be made; waiting and chunked ones
         leave their places now, running ones keep their rows until `free_finished`."""

@@ -307,43 +307,6 @@ def test_first_tokens_go_out_before_the_running_rows_decode(
     }
 
 
-def test_a_burst_is_prefilled_group_after_group_before_the_running_rows_decode(
-    tiny_model_dir: Path, engine: LLMEngine
-) -> None:
-    """Requests arriving together in groups of max_prefill_rows: each iteration prefills a
-    group and the running rows decode only once all are in, or after MAX_DECODES_WAITED."""
-    from serve_app.engine.llm_engine import MAX_DECODES_WAITED
-
-    torch.set_grad_enabled(False)
-    burst = LLMEngine(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        engine.tokenizer,
-        max_num_seqs=16,
-        max_model_len=512,
-        eos_token_ids=set(),
-        max_prefill_rows=2,
-    )
-    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    for i in range(6):  # three groups of two
-        burst.submit(f"r{i}", prompt_ids(engine, PROMPTS[i % 3]), params, lambda _: None)
-    generated = []
-    for _ in range(3):
-        burst.step()
-        generated.append(sorted(seq.num_generated for seq in burst.scheduler.running))
-    # Groups 1 and 2 waited with their first tokens; with group 3 in, everyone decoded.
-    assert generated == [[1, 1], [1, 1, 1, 1], [2, 2, 2, 2, 2, 2]]
-    for i in range(6, 6 + 2 * (MAX_DECODES_WAITED + 2)):  # a longer burst: decoding goes on
-        burst.submit(f"r{i}", prompt_ids(engine, PROMPTS[i % 3]), params, lambda _: None)
-    steps_without_decode, longest_wait = 0, 0
-    while len(burst.scheduler.running) < 16:  # (the new requests reach `waiting` in step())
-        before = burst.scheduler.running[0].num_generated
-        burst.step()
-        waited = burst.scheduler.running[0].num_generated == before
-        steps_without_decode = steps_without_decode + 1 if waited else 0
-        longest_wait = max(longest_wait, steps_without_decode)
-    assert longest_wait == MAX_DECODES_WAITED  # the bound, not the queue, ended the wait
-
-
 def test_abort_during_chunked_prefill_frees_its_slot(
     tiny_model_dir: Path, engine: LLMEngine
 ) -> None:
