@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +34,10 @@ from serve_app.reasoning import ReasoningParser, reasoning_splitter
 
 if TYPE_CHECKING:
     from serve_app.engine.engine_client import EngineClient
+    from serve_app.engine.engine_pool import EnginePool
     from serve_app.engine.llm_engine import LLMEngine
 
-    Engine = LLMEngine | EngineClient
+    Engine = LLMEngine | EngineClient | EnginePool
     # What the engine's compile_grammar returned (CompiledGrammar or RemoteGrammar), handed
     # back to the same engine's generate unopened.
     Grammar = Any
@@ -175,7 +177,14 @@ class LLMServer(ModelReplica["Engine"]):
             return {"error": self.load_error, "pid": os.getpid()}
         engine_pid = getattr(self.engine, "pid", os.getpid())  # the engine process's, if any
         stats = dataclasses.asdict(self.engine.stats())
-        return {**stats, "pid": os.getpid(), "engine_pid": engine_pid}
+        report = {**stats, "pid": os.getpid(), "engine_pid": engine_pid}
+        engines = getattr(self.engine, "engines", None)  # an EnginePool: each engine's own too
+        if engines is not None:
+            report["engines"] = [
+                {**dataclasses.asdict(engine.stats()), "engine_pid": engine.pid}
+                for engine in engines
+            ]
+        return report
 
     def check_health(self) -> None:
         """Ray calls this periodically; raising makes Ray replace the replica."""
@@ -204,12 +213,34 @@ def _engine_builder(model_config: dict[str, Any]) -> Callable[..., Engine]:
     return build_llm_engine
 
 
-def _engine_client(config: ModelConfig, cache_dir: Path, has_gpu: bool) -> EngineClient:
-    """The engine process, forked from this node's zygote when there is one (CPU only)."""
+def _engine_client(
+    config: ModelConfig, cache_dir: Path, has_gpu: bool
+) -> EngineClient | EnginePool:
+    """The engine process, forked from this node's zygote when there is one (CPU only); with
+    `data_parallel_size` N on CPU, N of them started at once behind an EnginePool."""
     from deployments.engine_zygote import zygote_socket
     from serve_app.engine.engine_client import EngineClient
+    from serve_app.engine.engine_pool import EnginePool
 
-    return EngineClient(config, cache_dir, has_gpu, None if has_gpu else zygote_socket())
+    zygote = None if has_gpu else zygote_socket()
+    size = config.engine.data_parallel_size
+    if size > 1 and has_gpu:
+        logger.warning("%s: data_parallel_size %d ignored on a GPU replica", config.id, size)
+        size = 1
+    if size == 1:
+        return EngineClient(config, cache_dir, has_gpu, zygote)
+    with ThreadPoolExecutor(max_workers=size) as starting:
+        futures = [
+            starting.submit(EngineClient, config, cache_dir, has_gpu, zygote, index == 0)
+            for index in range(size)
+        ]
+    engines = [future.result() for future in futures if future.exception() is None]
+    failed = [future.exception() for future in futures if future.exception() is not None]
+    if failed:  # none left running: the replica raises the first failure as one engine would
+        for engine in engines:
+            engine.kill()
+        raise failed[0]  # type: ignore[misc]
+    return EnginePool(engines)
 
 
 def _check_logit_bias(params: SamplingParams, vocab_size: int) -> None:

@@ -72,6 +72,14 @@ class EngineOptions(_Strict):
         ge=16,
         description="prefill tokens per engine iteration; longer prompts are prefilled in chunks",
     )
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="engine processes per replica, each with its own copy of the model, KV "
+        "and prefix cache; a request runs in one (where its prompt's start was computed, "
+        "unless busier). On CPU, 2 one-thread engines use 2 cores without the barrier of a "
+        "two-thread step. Engine process only",
+    )
     max_prefill_rows: int | None = Field(
         None,
         ge=1,
@@ -125,6 +133,7 @@ LLM_ONLY_OPTIONS = frozenset(
         "max_num_seqs",
         "max_prefill_tokens",
         "max_prefill_rows",
+        "data_parallel_size",
         "stream_interval",
         "default_max_tokens",
         "prefix_cache_tokens",

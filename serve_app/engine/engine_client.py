@@ -80,9 +80,12 @@ class EngineClient:
         cache_dir: Path,
         has_gpu: bool = True,
         zygote_socket: str | None = None,
+        load_tokenizer: bool = True,
     ) -> None:
         """zygote_socket: a warm starter (zygote.py) to fork the engine process from, instead
-        of starting a fresh Python (which imports torch and transformers again)."""
+        of starting a fresh Python (which imports torch and transformers again).
+        load_tokenizer=False: no tokenizer here (`tokenizer` None), where another client of
+        the same model (engine_pool.py) has one."""
         self._zygote_socket = zygote_socket if not has_gpu else None
         self._requests: dict[str, _Pending] = {}
         self._send_lock = threading.Lock()
@@ -109,7 +112,8 @@ class EngineClient:
         # The replica's tokenizer loads while the child loads its own and its weights (~3 s of
         # a cold start for Gemma-3's tokenizer).
         self._tokenizer_known.wait()
-        if self._start_error is None:
+        self.tokenizer: Any = None
+        if self._start_error is None and load_tokenizer:
             self.tokenizer = _tokenizer(self._info["tokenizer_class"], self._info["weights_dir"])
         self._started.wait()
         if self._start_error is not None:
