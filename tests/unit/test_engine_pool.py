@@ -133,3 +133,31 @@ def _no_shuffle(monkeypatch: pytest.MonkeyPatch) -> None:
     from serve_app import prefix_affinity
 
     monkeypatch.setattr(prefix_affinity, "_shuffled", list)
+
+
+def test_a_replica_of_one_engine_process_never_imports_torch(tmp_path: Any) -> None:
+    """The pool (and the prefix cache's hashes it uses, which import torch) load only for
+    data_parallel_size > 1: a replica's resident memory went 182 -> 361 MB when they did."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import sys
+from deployments import engine_zygote, llm_server
+from serve_app.config import ModelConfig
+from serve_app.engine import engine_client
+engine_client.EngineClient = lambda *args: "one engine"
+engine_zygote.zygote_socket = lambda: None
+config = ModelConfig.model_validate(
+    {"id": "m", "kind": "chat", "source": "hf://org/m", "engine": {"data_parallel_size": 1}}
+)
+assert llm_server._engine_client(config, ".", False) == "one engine"
+print("torch" in sys.modules)
+"""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
