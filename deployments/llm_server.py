@@ -237,12 +237,13 @@ def _engine_client(
             starting.submit(EngineClient, config, cache_dir, has_gpu, zygote, index == 0)
             for index in range(size)
         ]
-    engines = [future.result() for future in futures if future.exception() is None]
-    failed = [future.exception() for future in futures if future.exception() is not None]
-    if failed:  # none left running: the replica raises the first failure as one engine would
-        for engine in engines:
-            engine.kill()
-        raise failed[0]  # type: ignore[misc]
+    errors = [future.exception() for future in futures]
+    engines = [f.result() for f, error in zip(futures, errors, strict=True) if error is None]
+    for error in errors:
+        if error is not None:  # none left running: raised as one engine's failure would be
+            for engine in engines:
+                engine.kill()
+            raise error
     return EnginePool(engines)
 
 

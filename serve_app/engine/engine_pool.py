@@ -133,7 +133,7 @@ class EnginePool:
 
     def _choose(self, prompt_ids: list[int]) -> int:
         """The engine holding the most leading blocks of the prompt unless much busier, else the
-        least busy (ties: the lowest index, which `rank_replicas` shuffled)."""
+        least busy (ties: the first of `rank_replicas`' shuffled rank, so spread at random)."""
         hashes = block_hashes(prompt_ids[: MAX_BLOCKS * BLOCK_TOKENS])
         indices = list(range(len(self.engines)))
         best_rank = rank_replicas(hashes, indices, self._index, self._in_flight.__getitem__)[0]

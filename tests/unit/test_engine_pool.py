@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -161,3 +162,36 @@ print("torch" in sys.modules)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_an_engine_that_fails_to_start_takes_the_others_down_with_the_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """data_parallel_size 3, the second engine's load fails: the replica raises that error
+    (a missing model stays a 503) and no engine process is left running."""
+    from deployments import engine_zygote, llm_server
+    from serve_app.config import ModelConfig
+    from serve_app.engine import engine_client
+    from serve_app.model_store import ModelSourceError
+
+    started: list[FakeEngine] = []
+    killed: list[int] = []
+
+    def fake_client(*args: Any) -> FakeEngine:
+        number = len(started) + 1
+        if number == 2:
+            started.append(FakeEngine(number))
+            raise ModelSourceError("model file missing")
+        engine = FakeEngine(number)
+        engine.kill = lambda: killed.append(engine.pid)  # type: ignore[attr-defined]
+        started.append(engine)
+        return engine
+
+    monkeypatch.setattr(engine_client, "EngineClient", fake_client)
+    monkeypatch.setattr(engine_zygote, "zygote_socket", lambda: None)
+    config = ModelConfig.model_validate(
+        {"id": "m", "kind": "chat", "source": "hf://org/m", "engine": {"data_parallel_size": 3}}
+    )
+    with pytest.raises(ModelSourceError, match="model file missing"):
+        llm_server._engine_client(config, Path("."), False)
+    assert len(started) == 3 and sorted(killed) == [1, 3]
