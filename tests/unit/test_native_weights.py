@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFWriter, dequantize, quantize
+from gguf import GGUFValueType, GGUFWriter, dequantize, quantize
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from serve_app.config import ModelConfig
@@ -678,14 +678,22 @@ def test_the_shared_reader_reads_what_gguf_reads(tmp_path: Path) -> None:
     """The preparation's faster reader (plain-array slices) gives every field and tensor of the
     file as gguf's own reader does: strings, arrays of strings and numbers, tensor data."""
     import gguf
+    from transformers.integrations.ggml import _gguf_parse_value
 
-    from serve_app.model_store import _one_gguf_parse
+    from serve_app.model_store import _one_gguf_parse, _parse_gguf_value
 
     path = tmp_path / "vocab.gguf"
     writer = GGUFWriter(str(path), arch="llama")
     writer.add_token_list(["<s>", "héllo", "", "▁wörld"] * 50)
     writer.add_token_scores([0.5, -1.25, 3.0, 0.0] * 50)
     writer.add_token_types([1, 3, 1, 6] * 50)
+    # Every other kind of array the bulk parse takes or leaves to gguf (nested, empty).
+    writer.add_array("test.empty", [])
+    writer.add_array("test.flags", [True, False, True])
+    writer.add_key_value("test.wide", [2**40, 3], GGUFValueType.ARRAY, GGUFValueType.UINT64)
+    writer.add_array("test.doubles", [1.5, -2.25])
+    writer.add_array("test.nested", [[1, 2], [3]])
+    writer.add_array("test.one_string", ["x"])
     writer.add_tensor("t", np.arange(96, dtype=np.float32).reshape(3, 32))
     writer.add_tensor("q", quantize(np.ones((2, 64), np.float32), T.Q8_0), raw_dtype=T.Q8_0)
     writer.write_header_to_file()
@@ -705,10 +713,24 @@ def test_the_shared_reader_reads_what_gguf_reads(tmp_path: Path) -> None:
         for mine, theirs in zip(got.parts, field.parts, strict=True):
             assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs), name
     assert shared.fields["tokenizer.ggml.tokens"].contents()[1] == "héllo"
+    for name, field in expected.fields.items():  # transformers' value parse, and the faster one
+        for index in field.data:
+            value, types = field.parts[index], field.types
+            faster = _outcome(_parse_gguf_value, _gguf_parse_value, value, types)
+            assert faster == _outcome(_gguf_parse_value, value, types), name
     assert [t.name for t in shared.tensors] == [t.name for t in expected.tensors]
     for mine, theirs in zip(shared.tensors, expected.tensors, strict=True):
         assert mine.data.dtype == theirs.data.dtype and np.array_equal(mine.data, theirs.data)
         assert (mine.data_offset, mine.n_elements) == (theirs.data_offset, theirs.n_elements)
+
+
+def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
+    """What a call returned (value and type) or raised (the exception's type)."""
+    try:
+        value = fn(*args)
+    except Exception as exc:  # noqa: BLE001  # compared, not handled
+        return ("raised", type(exc))
+    return ("returned", (type(value), value))
 
 
 def test_transformers_metadata_pass_runs_once_per_file(
