@@ -243,10 +243,15 @@ def _one_gguf_parse() -> Iterator[None]:
             return readers[key]
 
         def shared_metadata(
-            path: Any, return_tensors: Any = False, model_to_load: Any = None, dtype: Any = None
+            path: Any,
+            return_tensors: Any = False,
+            model_to_load: Any = None,
+            torch_dtype: Any = None,
         ) -> Any:
-            if return_tensors or model_to_load is not None or dtype is not None:
-                return original_metadata(path, return_tensors, model_to_load, dtype)
+            # transformers' own signature (a conversion passes torch_dtype by keyword): a tensor
+            # load is the original's; only the metadata pass is shared.
+            if return_tensors or model_to_load is not None or torch_dtype is not None:
+                return original_metadata(path, return_tensors, model_to_load, torch_dtype)
             if str(path) not in metadata:
                 metadata[str(path)] = original_metadata(path, return_tensors)
             parsed = metadata[str(path)]
