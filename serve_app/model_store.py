@@ -202,46 +202,10 @@ def _prepare_folder(weights: LocalWeights, target: Path, kind: str, native: bool
             else:
                 _convert_gguf(weights, staging, kind)
         tokenizer.save_pretrained(staging)
-        _name_the_file_loading_class(staging, type(tokenizer))
         (staging / _COMPLETE_MARKER).write_text(json.dumps({"gguf_file": gguf_file}))
         _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-# What a tokenizer class may hold beyond TokenizersBackend's and still be the same tokenizer
-# when TokenizersBackend loads its saved tokenizer.json: how it rebuilds the pipeline (__init__,
-# `model`, the file's name) and the class defaults written out in tokenizer_config.json.
-_REBUILDING_ATTRIBUTES = frozenset(
-    {"__module__", "__qualname__", "__doc__", "__init__", "__annotations__"}
-    | {"model", "vocab_files_names"}
-)
-_CLASS_DEFAULTS = ("padding_side", "model_input_names")
-
-
-def _name_the_file_loading_class(folder: Path, tokenizer_class: type[Any]) -> None:
-    """Has the saved tokenizer load as TokenizersBackend where that is the same tokenizer.
-    transformers loads a class with an __init__ of its own (GemmaTokenizer, LlamaTokenizer)
-    by parsing tokenizer.json in Python and building the pipeline again from its vocabulary
-    and merges: ~2.9 s for Gemma-3's 262k tokens, in its engine process and again in its
-    replica at every start. TokenizersBackend reads the same file in Rust (~2.0 s). Done only
-    where the class adds nothing else: its defaults (Gemma's left padding side) are written
-    into tokenizer_config.json, so the loaded tokenizer's attributes are the class's own."""
-    from transformers import TokenizersBackend
-
-    own = set(vars(tokenizer_class))
-    is_rebuild_only = tokenizer_class.__bases__ == (TokenizersBackend,) and own <= (
-        _REBUILDING_ATTRIBUTES | set(_CLASS_DEFAULTS)
-    )
-    if not is_rebuild_only or not (folder / "tokenizer.json").exists():
-        return
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    for name in _CLASS_DEFAULTS:
-        if name in own:
-            config.setdefault(name, getattr(tokenizer_class, name))
-    config["tokenizer_class"] = TokenizersBackend.__name__
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 @contextlib.contextmanager
