@@ -5,6 +5,7 @@ one dead engine makes the pool dead. The real engine processes: tests/integratio
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -136,12 +137,11 @@ def _no_shuffle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prefix_affinity, "_shuffled", list)
 
 
-def test_a_replica_of_one_engine_process_never_imports_torch(tmp_path: Any) -> None:
+def test_a_replica_of_one_engine_process_never_imports_torch() -> None:
     """The pool (and the prefix cache's hashes it uses, which import torch) load only for
     data_parallel_size > 1: a replica's resident memory went 182 -> 361 MB when they did."""
     import subprocess
     import sys
-    from pathlib import Path
 
     script = """
 import sys
@@ -176,15 +176,15 @@ def test_an_engine_that_fails_to_start_takes_the_others_down_with_the_error(
 
     started: list[FakeEngine] = []
     killed: list[int] = []
+    numbering = threading.Lock()  # the clients start in threads of their own
 
     def fake_client(*args: Any) -> FakeEngine:
-        number = len(started) + 1
-        if number == 2:
-            started.append(FakeEngine(number))
+        with numbering:
+            engine = FakeEngine(len(started) + 1)
+            started.append(engine)
+        if engine.pid == 2:
             raise ModelSourceError("model file missing")
-        engine = FakeEngine(number)
         engine.kill = lambda: killed.append(engine.pid)  # type: ignore[attr-defined]
-        started.append(engine)
         return engine
 
     monkeypatch.setattr(engine_client, "EngineClient", fake_client)
