@@ -7,9 +7,11 @@
  * Activations, per row r and block b: x ~= dx * qx (qx int16, |qx| <= QMAX), and
  * sum_b(w . x) = d * dx * sum(q * qx) + m * (dx * sum(qx)).
  *
- * From F32_MIN_ROWS activation rows on, each weight block is decoded to float32 once and
- * multiplied with up to F32_TILE rows of float32 activations (exact to float32 rounding;
- * ~1.1-1.2x the 16-bit path at 8-16 rows, slower at 4: docs/benchmarks.md, session 19).
+ * From F32_MIN_ROWS activation rows on (the float path), each thread decodes GEMM_NR output
+ * rows to float32 into a buffer of its own and multiplies them with every activation row, 4 x 3
+ * accumulators at a time (exact to float32 rounding). In SmolLM2's whole 16-row decode step it
+ * is faster than fbgemm's fp16 GEMM on copies of the weights (it reads ~60 MB a step, the copies
+ * ~350 MB), ~1.1-1.3x slower with every weight in cache (docs/benchmarks.md, session 25).
  *
  * Output rows are split over the OpenMP threads of the calling thread's team; built against the
  * libgomp torch has loaded, it is torch's own pool and follows torch.set_num_threads.
@@ -25,7 +27,11 @@
 
 #define QK 32
 #define ROW_TILE 4 /* activation rows sharing one decoded weight block (16-bit path) */
-#define F32_TILE 8 /* the same for the float path: 4 weight + 8 accumulator registers */
+#define GEMM_MR 4 /* float path: activation rows ... */
+#define GEMM_NR 3 /* ... times output rows per register tile */
+#ifndef GEMM_ROW_BLOCK
+#define GEMM_ROW_BLOCK 64 /* activation rows per pass over the weights (kept in L2) */
+#endif
 #define F32_MIN_ROWS 8 /* from this many rows on, weights are decoded to float32 instead */
 #define QMAX 32767.0f
 
@@ -157,48 +163,86 @@ static inline void decode_block_f32(const uint8_t *qs, float d, float m, __m256 
     w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv);
 }
 
-/* y[r, n] for rows 0 .. tile of float32 activations x (row stride k) and one output row n:
- * each block decoded once to float32, then 4 FMAs per row (exact to float32 accumulation). */
-static inline void dot_tile_f32(const uint8_t *qs, const float *d, const float *m, int64_t nb,
-                                const float *x, int64_t k, int tile, float *out) {
-    __m256 acc[F32_TILE];
-    for (int r = 0; r < tile; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m256 w[4];
-        decode_block_f32(qs + b * 16, d[b], m[b], w);
-        for (int r = 0; r < tile; r++) {
-            const float *xb = x + r * k + b * QK;
-            __m256 a = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), acc[r]);
-            a = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), a);
-            a = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), a);
-            acc[r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), a);
+/* y[r0 .. r0 + mr, j0 .. j0 + nr] from mr rows of float32 activations x (row stride k) and nr
+ * output rows already decoded to float32 in w ([nr, k]): mr x nr accumulators along k, each row's
+ * activations loaded once per 8 columns for all nr outputs (4 x 3: 12 accumulators, 3 weight
+ * registers and one activation register, the 16 AVX2 has). Called with constant mr and nr. */
+static inline __attribute__((always_inline)) void gemm_tile(const float *x, int64_t k,
+                                                              const float *w, int mr, int nr,
+                                                              float *y, int64_t ldy) {
+    __m256 acc[GEMM_MR][GEMM_NR];
+    for (int r = 0; r < mr; r++)
+        for (int c = 0; c < nr; c++) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 8) {
+        __m256 wv[GEMM_NR];
+        for (int c = 0; c < nr; c++) wv[c] = _mm256_load_ps(w + c * k + i);
+        for (int r = 0; r < mr; r++) {
+            const __m256 a = _mm256_loadu_ps(x + r * k + i);
+            for (int c = 0; c < nr; c++) acc[r][c] = _mm256_fmadd_ps(a, wv[c], acc[r][c]);
         }
     }
-    for (int r = 0; r < tile; r++) out[r] = hsum(acc[r]);
+    for (int r = 0; r < mr; r++)
+        for (int c = 0; c < nr; c++) y[r * ldy + c] = hsum(acc[r][c]);
 }
 
-static void matmul_f32(const float *x, int64_t rows, int64_t k, const uint8_t *qs,
-                       const float *d, const float *m, int64_t n, float *y) {
-    const int64_t nb = k / QK;
-#pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < n; j++) {
-        float out[F32_TILE];
-        for (int64_t r0 = 0; r0 < rows; r0 += F32_TILE) {
-            const int tile = rows - r0 < F32_TILE ? (int)(rows - r0) : F32_TILE;
-            dot_tile_f32(qs + j * nb * 16, d + j * nb, m + j * nb, nb, x + r0 * k, k, tile, out);
-            for (int r = 0; r < tile; r++) y[(r0 + r) * n + j] = out[r];
-        }
+/* Every activation row times nr decoded output rows, GEMM_MR rows at a time. */
+static void gemm_columns(const float *x, int64_t rows, int64_t k, const float *w, int nr,
+                         float *y, int64_t n) {
+    int64_t r = 0;
+    if (nr == GEMM_NR)
+        for (; r + GEMM_MR <= rows; r += GEMM_MR)
+            gemm_tile(x + r * k, k, w, GEMM_MR, GEMM_NR, y + r * n, n);
+    for (; r < rows; r++) {
+        if (nr == GEMM_NR) gemm_tile(x + r * k, k, w, 1, GEMM_NR, y + r * n, n);
+        else
+            for (int c = 0; c < nr; c++) gemm_tile(x + r * k, k, w + c * k, 1, 1, y + r * n + c, n);
     }
+}
+
+/* Output rows j .. j + nr decoded to float32 into w [nr, k]. */
+static void decode_rows_f32(const uint8_t *qs, const float *d, const float *m, int64_t j,
+                            int nr, int64_t nb, float *w) {
+    for (int64_t i = j * nb; i < (j + nr) * nb; i++, w += QK) {
+        __m256 v[4];
+        decode_block_f32(qs + i * 16, d[i], m[i], v);
+        for (int part = 0; part < 4; part++) _mm256_store_ps(w + part * 8, v[part]);
+    }
+}
+
+/* The float path: each thread decodes GEMM_NR output rows at a time into a buffer of its own
+ * (once per call, shared by every activation row), then multiplies them with FMAs. */
+static int matmul_f32(const float *x, int64_t rows, int64_t k, const uint8_t *qs,
+                      const float *d, const float *m, int64_t n, float *y) {
+    const int64_t nb = k / QK;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *w = aligned_alloc(32, sizeof(float) * (size_t)(GEMM_NR * k));
+        if (!w) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        for (int64_t r = 0; r < rows; r += GEMM_ROW_BLOCK) {
+            const int64_t block = rows - r < GEMM_ROW_BLOCK ? rows - r : GEMM_ROW_BLOCK;
+            /* static: each thread takes the same output rows for every block, so no barrier */
+#pragma omp for schedule(static) nowait
+            for (int64_t j = 0; j < n; j += GEMM_NR) {
+                if (!w) continue;
+                const int nr = n - j < GEMM_NR ? (int)(n - j) : GEMM_NR;
+                decode_rows_f32(qs, d, m, j, nr, nb, w);
+                gemm_columns(x + r * k, block, k, w, nr, y + r * n + j, n);
+            }
+        }
+        free(w);
+    }
+    return failed ? -1 : 0;
 }
 
 /* x [rows, k] float32, qs [n, k / 2] bytes, d and m [n, k / 32] float32, y [rows, n] float32.
  * Returns 0, or -1 when memory ran out. */
 int q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *qs, const float *d,
               const float *m, int64_t n, float *y) {
-    if (rows >= F32_MIN_ROWS) {
-        matmul_f32(x, rows, k, qs, d, m, n, y);
-        return 0;
-    }
+    if (rows >= F32_MIN_ROWS) return matmul_f32(x, rows, k, qs, d, m, n, y);
     const int64_t nb = k / QK;
     const activations16 a = quantize_rows(x, rows, k);
     if (!a.q) return -1;

@@ -75,6 +75,31 @@ def test_the_kernel_multiplies_by_the_exact_weight_with_16_bit_activations() -> 
 
 
 @pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_float_path_covers_every_tile_remainder(threads: int) -> None:
+    """From 8 rows on the kernel multiplies tiles of 4 activation rows x 3 output rows, passes of
+    64 rows over each thread's decoded weights: every leftover row and output, and rows past a
+    pass, get the exact weight's product (to float32 accumulation)."""
+    generator = torch.Generator().manual_seed(1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for outputs in (1, 2, 4, 5, 96):
+            q = torch.randint(0, 16, (outputs, 96), generator=generator)
+            scales = torch.rand(outputs, 3, generator=generator) * 0.02 + 0.001
+            zeros = torch.randn(outputs, 3, generator=generator) * 0.05
+            weight = Q4Weight.from_groups(q, scales, zeros)
+            exact = weight.dequantize_into(torch.empty(outputs * 96)).view(outputs, 96)
+            for rows in (8, 9, 10, 11, 64, 65, 130):
+                x = torch.randn(rows, 96, generator=generator)
+                expected = x.double() @ exact.double().t()
+                got = weight.matmul(x).double()
+                assert (got - expected).abs().max() < 1e-5 * expected.abs().max(), (outputs, rows)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
 @pytest.mark.parametrize("shape", [(1, 576), (3, 70), (16, 64)])
 def test_rms_norm_gives_torchs_rms_norm(shape: tuple[int, int]) -> None:
     generator = torch.Generator().manual_seed(shape[1])
