@@ -1,8 +1,9 @@
 """Prefill forwards of a native GGUF model through the int4 kernel against the same weights
-unpacked to float32 per layer (quantized_linear.DEQUANTIZED_MIN_ROWS decides which one a
-forward takes): ms per forward of one prompt of N tokens, both paths interleaved (A B, A B, ...,
-median over rounds), and the ratio. The crossover is where DEQUANTIZED_MIN_ROWS belongs on the
-machine it ran on. Prints the table; writes JSON.
+unpacked to float32 per layer (quantized_linear.Q4_DEQUANTIZED_MIN_ROWS decides which one a
+forward takes on q4_kernel.c, DEQUANTIZED_MIN_ROWS on torch's int4 kernel): ms per forward of
+one prompt of N tokens, both paths interleaved (A B, A B, ..., median over rounds), and the
+ratio. The crossover is where that constant belongs on the machine it ran on. Prints the
+table; writes JSON.
 
     flock /tmp/serve-app-bench.lock .venv/bin/python benchmarks/prefill_kernels.py --rounds 3
 """
@@ -58,7 +59,11 @@ def main() -> None:
             {"tokens": num, "int4_ms": int4, "float32_ms": unpacked, "ratio": int4 / unpacked}
         )
         print(f"{num:>6} {int4:>9.1f} {unpacked:>10.1f} {int4 / unpacked:>12.2f}")
-    print(f"shipped DEQUANTIZED_MIN_ROWS: {quantized_linear.DEQUANTIZED_MIN_ROWS}")
+    print(
+        f"shipped: Q4_DEQUANTIZED_MIN_ROWS {quantized_linear.Q4_DEQUANTIZED_MIN_ROWS} "
+        f"(q4_kernel.c), DEQUANTIZED_MIN_ROWS {quantized_linear.DEQUANTIZED_MIN_ROWS} "
+        "(torch's int4 kernel)"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -48,7 +48,7 @@ from serve_app.model_store import prepare_weights
 TEXT = Path(__file__).parent / "data" / "quality_text.txt"
 WINDOW = 512
 KL_LIMIT, TOP1_LIMIT = 0.005, 0.97
-# quantized_linear.DEQUANTIZED_MIN_ROWS for each path an int4 layer can take
+# quantized_linear.(Q4_)DEQUANTIZED_MIN_ROWS for each path an int4 layer can take
 INT4_PATHS = {"int4 kernel": 1 << 30, "float32 unpacked": 0}
 FP16_COPY = "fp16 copy"
 
@@ -91,12 +91,15 @@ def teacher_forced(reference: Any, native: Any, ids: list[int]) -> dict[str, flo
 @contextlib.contextmanager
 def int4_path(path: str) -> Iterator[None]:
     """Every int4 layer takes `path` (a key of INT4_PATHS) until the block ends."""
-    shipped = quantized_linear.DEQUANTIZED_MIN_ROWS
-    quantized_linear.DEQUANTIZED_MIN_ROWS = INT4_PATHS[path]
+    names = ("DEQUANTIZED_MIN_ROWS", "Q4_DEQUANTIZED_MIN_ROWS")  # torch's kernel, q4_kernel.c
+    shipped = [getattr(quantized_linear, name) for name in names]
+    for name in names:
+        setattr(quantized_linear, name, INT4_PATHS[path])
     try:
         yield
     finally:
-        quantized_linear.DEQUANTIZED_MIN_ROWS = shipped
+        for name, value in zip(names, shipped, strict=True):
+            setattr(quantized_linear, name, value)
 
 
 @contextlib.contextmanager

@@ -209,7 +209,7 @@ class _Layer:
         weights unpacked to float32 for big prefills)."""
         rows = int(hidden.shape[0])
         if self.native is not None and rows < min(
-            self.native_max_rows, quantized_linear.DEQUANTIZED_MIN_ROWS
+            self.native_max_rows, quantized_linear.Q4_DEQUANTIZED_MIN_ROWS
         ):
             self.native(hidden, cos, signed_sin, cache)
             return

@@ -28,13 +28,17 @@ Q8_BLOCK_BYTES = 34  # a Q8_0 block: an fp16 scale, then 32 int8
 # The CPU int4 packing interleaves blocks of 64 output rows: layers whose row counts are all
 # multiples of it can be packed apart and concatenated (checked against packing them together).
 _PACK_BLOCK_ROWS = 64
-# From this many rows (tokens) on, an Int4Linear multiplies by its weight dequantized to float32
-# (float32 sgemm) instead of the int4 kernel. Measured with torch's kernel (not yet again with
-# q4_kernel.c's float path): on CPUs without bf16 instructions (this AVX2 VM) torch's int4
-# kernel does ~75 GFLOP/s at any batch, float32 sgemm ~150 once rows are many, and dequantizing
-# all of SmolLM2's 4-bit weights costs ~110 ms a forward: the crossover is ~160 rows; prefill
-# forwards of 192-512 tokens are 1.4-1.6x faster (benchmarks/prefill_kernels.py).
+# From this many rows (tokens) on, an Int4Linear on torch's int4 kernel multiplies by its weight
+# dequantized to float32 (float32 sgemm) instead: on CPUs without bf16 instructions (this AVX2
+# VM) torch's int4 kernel does ~75 GFLOP/s at any batch, float32 sgemm ~150 once rows are many,
+# and dequantizing all of SmolLM2's 4-bit weights costs ~110 ms a forward: the crossover is
+# ~160 rows; prefill forwards of 192-512 tokens are 1.4-1.6x faster
+# (benchmarks/prefill_kernels.py).
 DEQUANTIZED_MIN_ROWS = 192
+# The same for q4_kernel.c's layers: its tiled float path (session 25) is faster than the
+# unpacking up to ~1024 tokens (SmolLM2 prefill int4/float32 0.78 at 128 tokens, 0.89 at
+# 256-512, 1.04 at 1024; benchmarks/prefill_kernels.py, docs/benchmarks.md).
+Q4_DEQUANTIZED_MIN_ROWS = 1024
 # An Int4Linear may also hold an fp16 copy of its weight (add_fp16_copies, engine option
 # fp16_copy_min_rows). In a whole decode step the int4 kernel wins at a few rows: the copy is ~3.3
 # bytes a weight once fbgemm has packed it, and a step reads all of them from memory (SmolLM2:
@@ -84,7 +88,7 @@ class Int4Linear(torch.nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self._takes_copy(rows.shape[0], decode):
             y = self._fp16_matmul(rows).to(x.dtype)
-        elif rows.shape[0] >= DEQUANTIZED_MIN_ROWS and self._unpackable():
+        elif rows.shape[0] >= self.dequantized_min_rows() and self._unpackable():
             y = torch.mm(rows.float(), self._float32_weight_t()).to(x.dtype)  # prefill
         else:
             y = _int4_matmul(self, rows).to(x.dtype)
@@ -99,10 +103,14 @@ class Int4Linear(torch.nn.Module):
         rounding), the common case (q4_kernel.c, no bias, under the copy's rows) first: ~120
         calls a step, and forward's general checks cost ~10 us a call at one row."""
         num_rows = rows.shape[0]
-        small = num_rows < DEQUANTIZED_MIN_ROWS and not self._takes_copy(num_rows)
+        small = num_rows < Q4_DEQUANTIZED_MIN_ROWS and not self._takes_copy(num_rows)
         if self.q4 is not None and self.bias is None and small:
             return _int4_matmul(self, rows)
         return self.forward(rows, decode=True)
+
+    def dequantized_min_rows(self) -> int:
+        """From this many rows on, this layer multiplies by its weight unpacked to float32."""
+        return Q4_DEQUANTIZED_MIN_ROWS if self.q4 is not None else DEQUANTIZED_MIN_ROWS
 
     def _takes_copy(self, num_rows: int, decode: bool = True) -> bool:
         """Whether these rows multiply by the fp16 copy: every forward of the model's own, and

@@ -303,8 +303,8 @@ def test_c_prefill_gives_the_models_forward(model: Any, prefix: int) -> None:
 def test_decode_rows_leaves_big_forwards_to_the_unpacked_weight(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A C prefill of DEQUANTIZED_MIN_ROWS tokens or more multiplies by the weight unpacked to
-    float32 (faster there), fewer through the int4 kernel: the same values either way."""
+    """A C prefill of Q4_DEQUANTIZED_MIN_ROWS tokens or more multiplies by the weight unpacked
+    to float32 (as fast there), fewer through the int4 kernel: the same values either way."""
     layer, calls = _int4(64), []
     kernel = quantized_linear._int4_matmul
 
@@ -313,7 +313,7 @@ def test_decode_rows_leaves_big_forwards_to_the_unpacked_weight(
         return kernel(linear, rows)
 
     monkeypatch.setattr(quantized_linear, "_int4_matmul", counting)
-    x = torch.randn(quantized_linear.DEQUANTIZED_MIN_ROWS, 128)
+    x = torch.randn(quantized_linear.Q4_DEQUANTIZED_MIN_ROWS, 128)
     expected = x.double() @ layer.dequantized().double().t()
     torch.testing.assert_close(layer.decode_rows(x).double(), expected, rtol=1e-4, atol=1e-4)
     assert calls == []

@@ -146,7 +146,7 @@ def test_many_rows_multiply_through_the_float32_weight_few_through_the_kernel(
     layer = _int4_layer(128, 64)
     weight = layer.dequantized()
     calls = _counting_kernel(monkeypatch)
-    many = torch.randn(2, DEQUANTIZED_MIN_ROWS, 64)
+    many = torch.randn(2, layer.dequantized_min_rows(), 64)
     got = layer(many)
     assert calls == []  # float32 activations: the exact products, no bf16 rounding
     torch.testing.assert_close(got, many @ weight.t() + layer.bias, atol=1e-5, rtol=1e-5)
@@ -186,7 +186,7 @@ def test_an_fp16_copy_takes_prefill_and_decode_steps_from_its_min_rows(
     assert torch.equal(layer.decode_rows(few), layer(few, decode=True))  # the step's fast path
     del calls[1:]
     torch.testing.assert_close(layer(few), by_copy(few), atol=1e-4, rtol=1e-4)  # prefill
-    for num_rows in (4, DEQUANTIZED_MIN_ROWS):  # the copy wins over the float32 unpacking too
+    for num_rows in (4, layer.dequantized_min_rows()):  # the copy wins over the unpacking too
         many = torch.randn(num_rows, shape[1])
         torch.testing.assert_close(layer(many, decode=True), by_copy(many), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(layer(many), by_copy(many), atol=1e-4, rtol=1e-4)
