@@ -199,20 +199,52 @@ static void gemm_columns(const float *x, int64_t rows, int64_t k, const float *w
     }
 }
 
-/* Output rows j .. j + nr decoded to float32 into w [nr, k]. */
-static void decode_rows_f32(const uint8_t *qs, const float *d, const float *m, int64_t j,
-                            int nr, int64_t nb, float *w) {
-    for (int64_t i = j * nb; i < (j + nr) * nb; i++, w += QK) {
-        __m256 v[4];
-        decode_block_f32(qs + i * 16, d[i], m[i], v);
-        for (int part = 0; part < 4; part++) _mm256_store_ps(w + part * 8, v[part]);
+#define Q8_BLOCK_BYTES 34
+
+/* A Q8_0 block's fp16 scale. */
+static inline float fp16_scale(const uint8_t *block) {
+    uint16_t bits;
+    memcpy(&bits, block, 2);
+    return _cvtsh_ss(bits);
+}
+
+/* The weights the float path decodes: Q4_1 nibbles with float32 factors (q4_matmul), or the
+ * GGUF's own Q8_0 rows (q8_matmul). */
+typedef struct {
+    const uint8_t *qs; /* Q4: [n, k / 2] nibbles; Q8: [n, row_bytes] blocks */
+    const float *d, *m; /* Q4 only: [n, k / 32] each */
+    int64_t q8_row_bytes; /* 0 for Q4 */
+} float_path_weights;
+
+/* A Q8_0 block (fp16 scale, 32 int8) as float32 in four registers. */
+static inline void decode_q8_block_f32(const uint8_t *block, __m256 w[4]) {
+    const __m256 dv = _mm256_set1_ps(fp16_scale(block));
+    for (int part = 0; part < 4; part++) {
+        const __m128i q = _mm_loadl_epi64((const __m128i *)(block + 2 + part * 8));
+        w[part] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), dv);
+    }
+}
+
+/* Output rows j .. j + nr decoded to float32 into out [nr, k]. */
+static void decode_rows_f32(const float_path_weights *w, int64_t j, int nr, int64_t nb,
+                            float *out) {
+    for (int c = 0; c < nr; c++) {
+        for (int64_t b = 0; b < nb; b++, out += QK) {
+            const int64_t i = (j + c) * nb + b;
+            __m256 v[4];
+            if (w->q8_row_bytes)
+                decode_q8_block_f32(w->qs + (j + c) * w->q8_row_bytes + b * Q8_BLOCK_BYTES, v);
+            else
+                decode_block_f32(w->qs + i * 16, w->d[i], w->m[i], v);
+            for (int part = 0; part < 4; part++) _mm256_store_ps(out + part * 8, v[part]);
+        }
     }
 }
 
 /* The float path: each thread decodes GEMM_NR output rows at a time into a buffer of its own
  * (once per call, shared by every activation row), then multiplies them with FMAs. */
-static int matmul_f32(const float *x, int64_t rows, int64_t k, const uint8_t *qs,
-                      const float *d, const float *m, int64_t n, float *y) {
+static int matmul_f32(const float *x, int64_t rows, int64_t k, const float_path_weights *weights,
+                      int64_t n, float *y) {
     const int64_t nb = k / QK;
     int failed = 0;
 #pragma omp parallel
@@ -229,7 +261,7 @@ static int matmul_f32(const float *x, int64_t rows, int64_t k, const uint8_t *qs
             for (int64_t j = 0; j < n; j += GEMM_NR) {
                 if (!w) continue;
                 const int nr = n - j < GEMM_NR ? (int)(n - j) : GEMM_NR;
-                decode_rows_f32(qs, d, m, j, nr, nb, w);
+                decode_rows_f32(weights, j, nr, nb, w);
                 gemm_columns(x + r * k, block, k, w, nr, y + r * n + j, n);
             }
         }
@@ -242,7 +274,10 @@ static int matmul_f32(const float *x, int64_t rows, int64_t k, const uint8_t *qs
  * Returns 0, or -1 when memory ran out. */
 int q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *qs, const float *d,
               const float *m, int64_t n, float *y) {
-    if (rows >= F32_MIN_ROWS) return matmul_f32(x, rows, k, qs, d, m, n, y);
+    if (rows >= F32_MIN_ROWS) {
+        const float_path_weights weights = {qs, d, m, 0};
+        return matmul_f32(x, rows, k, &weights, n, y);
+    }
     const int64_t nb = k / QK;
     const activations16 a = quantize_rows(x, rows, k);
     if (!a.q) return -1;
@@ -282,9 +317,7 @@ void q4_dequantize(const uint8_t *qs, const float *d, const float *m, int64_t n,
 
 /* ---- Q8_0 rows (the GGUF's own blocks: fp16 scale, then 32 int8), 16-bit activations ----
  * For a tied output layer read straight from the file's map: 1.5x fbgemm's fp16 GEMM at one
- * row (half the bytes), 0.85x at 16 rows (a float path like q4's was slower still there). */
-
-#define Q8_BLOCK_BYTES 34
+ * row (half the bytes); from F32_MIN_ROWS rows on, the float path above. */
 
 static inline __m256 q8_block_dot(const uint8_t *block, const int16_t *qx) {
     const __m128i lo = _mm_loadu_si128((const __m128i *)(block + 2));
@@ -294,16 +327,14 @@ static inline __m256 q8_block_dot(const uint8_t *block, const int16_t *qx) {
     return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
 }
 
-static inline float fp16_scale(const uint8_t *block) {
-    uint16_t bits;
-    memcpy(&bits, block, 2);
-    return _cvtsh_ss(bits);
-}
-
 /* x [rows, k] float32; w [n, row_bytes] Q8_0 rows (row_bytes = k / 32 * 34); y [rows, n].
  * Returns 0, or -1 when memory ran out. */
 int q8_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t row_bytes,
               int64_t n, float *y) {
+    if (rows >= F32_MIN_ROWS) {
+        const float_path_weights weights = {w, NULL, NULL, row_bytes};
+        return matmul_f32(x, rows, k, &weights, n, y);
+    }
     const int64_t nb = k / QK;
     const activations16 a = quantize_rows(x, rows, k);
     if (!a.q) return -1;

@@ -6,8 +6,9 @@ step (its Python side: decode_native.py).
 On a CPU without bf16 instructions torch's int4 kernel emulates bf16 activations. q4_kernel.c
 multiplies with integer instructions on activations quantized to 16 bits per block of 32 (8
 bits, llama.cpp's choice, failed SmolLM2's quality guard), and from 8 rows on with float32 FMAs
-on blocks decoded once: 1.4-2x torch's int4 kernel at one row and 1.1-1.4x at 8-16 rows on
-SmolLM2's shapes (benchmarks/linear_kernels.py; docs/benchmarks.md, session 19). Its OpenMP
+on weights decoded once per call, in register tiles: 1.4-2x torch's int4 kernel at one row
+(docs/benchmarks.md, session 19), and from 8 rows faster than fbgemm's fp16 GEMM in a whole
+decode step (session 25; Q8_0 output rows take the same float path). Its OpenMP
 loops run on torch's own libgomp team (the library is loaded after torch, which has already
 loaded libgomp.so.1), so torch.set_num_threads and the thread governor apply to them too.
 

@@ -243,10 +243,11 @@ class Fp16Linear(torch.nn.Module):
 
 class Q8Linear(torch.nn.Module):
     """y = x @ w.T with w the GGUF's own Q8_0 rows (per 32 values an fp16 scale, then 32 int8),
-    multiplied by q4_kernel.c's q8_matmul (activations quantized to 16 bits per block of 32,
-    float32 logits). For a tied output layer: it reads the same mapped rows as the Q8Embedding
-    lookup, so the vocabulary is in memory once, at half the bytes of an fp16 copy (a decode
-    step reads all of it), and its values are the file's exactly."""
+    multiplied by q4_kernel.c's q8_matmul (activations quantized to 16 bits per block of 32
+    under 8 rows, its float path from 8; float32 logits). For a tied output layer: it reads the
+    same mapped rows as the Q8Embedding lookup, so the vocabulary is in memory once, at half the
+    bytes of an fp16 copy (a decode step reads all of it), and its values are the file's
+    exactly."""
 
     def __init__(self, rows: torch.Tensor) -> None:
         super().__init__()

@@ -214,13 +214,14 @@ def test_a_fused_layer_multiplies_by_its_parts_fp16_copies(int4_kernel: str) -> 
 def test_q8_head_multiplies_by_the_files_rows_exactly() -> None:
     """The tied head on Q8_0 rows: its weight is the file's values (no fp16 rounding), and its
     logits are those products to float32 accumulation and 16-bit activation steps, for one row
-    (a decode step), a 4-row tile and a remainder."""
+    (a decode step), a 4-row tile and a remainder, and from 8 rows on through the float path
+    (80 outputs: a remainder of its 3-output tiles; 65 rows: past one 64-row pass)."""
     weight = np.random.default_rng(2).normal(0, 0.05, (80, 96)).astype(np.float32)
     raw = quantize(weight, T.Q8_0)
     head = Q8Linear(torch.from_numpy(raw))
     reference = torch.from_numpy(dequantize(raw, T.Q8_0))
     assert torch.equal(head.dequantized(), reference)
-    for rows in (1, 4, 7, 16):
+    for rows in (1, 4, 7, 9, 16, 65):
         x = torch.randn(rows, 96)
         got = head(x)
         assert got.shape == (rows, 80) and got.dtype == torch.float32
