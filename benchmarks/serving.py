@@ -688,11 +688,13 @@ def main_rounds(
     print_rounds_report(results["rows"], ratios)
     memory = results["serve_app_replica_memory"]
     if "VmRSS" in memory:
-        engine_rss = memory.get("engine_process", {}).get("VmRSS")
-        engine_text = f"{engine_rss / 2**20:.0f} MB" if engine_rss else "not found"
+        engine = memory.get("engine_process", {})
+        engine_text = f"{engine['VmRSS'] / 2**20:.0f} MB" if "VmRSS" in engine else "not found"
+        pss = [f"{part.get('Pss', 0) / 2**20:.0f}" for part in (memory, engine)]
         print(
             f"\nSmolLM2 after the rounds: replica process RSS {memory['VmRSS'] / 2**20:.0f} MB, "
-            f"its engine process (the model) {engine_text}"
+            f"its engine process (the model) {engine_text}; PSS (shared pages counted as "
+            f"their share) {pss[0]} + {pss[1]} MB"
         )
     if "warm-start" in args.targets:
         results["warm-start"] = run_warm_start(args)

@@ -216,12 +216,18 @@ def replica_pids(session_id: int, pattern: str) -> list[int]:
 
 def memory_of(pid: int) -> dict[str, int]:
     """VmRSS (now), VmHWM (peak), RssAnon and RssFile of a process, in bytes, plus the resident
-    part of mapped *.safetensors files (`rss_safetensors`) and of other files (`rss_other_files`).
+    part of mapped *.safetensors files (`rss_safetensors`) and of other files (`rss_other_files`),
+    and `Pss`: RSS with each page shared with other processes (an engine forked from the zygote
+    shares its imported torch and transformers) counted as its share only.
     """
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0]) * 1024
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "Pss":
             fields[key] = int(value.split()[0]) * 1024
     return {**fields, **_file_rss(pid)}
 
