@@ -5,8 +5,9 @@ blocks become int4 groups of 32, multiplied by q4_kernel.c (integer dot products
 activations; q4_native.py) where it builds, else by torch's `_weight_int4pack_mm_for_cpu` (bf16
 activations: its fast path; float32 activations measured 7-30x slower); other types (Q8_0,
 Q5_x, Q6_K) bf16 weights prepacked for oneDNN. The residual stream stays float32. Big prefill
-forwards (DEQUANTIZED_MIN_ROWS tokens or more) multiply int4 layers by their weights unpacked
-to float32 instead (the same values), or, where the model keeps fp16 copies
+forwards (Q4_DEQUANTIZED_MIN_ROWS tokens or more on q4_kernel.c, DEQUANTIZED_MIN_ROWS on
+torch's kernel) multiply int4 layers by their weights unpacked to float32 instead (the same
+values), or, where the model keeps fp16 copies
 (fp16_copy_min_rows), every prefill forward through the model's own forward and the written-out
 Llama step's forwards (decode steps, and prefills where decode_kernel.c runs) of that many rows
 or more multiply by the copy (fbgemm's fp16 GEMM).
@@ -42,9 +43,11 @@ Q4_DEQUANTIZED_MIN_ROWS = 1024
 # An Int4Linear may also hold an fp16 copy of its weight (add_fp16_copies, engine option
 # fp16_copy_min_rows). In a whole decode step the int4 kernel wins at a few rows: the copy is ~3.3
 # bytes a weight once fbgemm has packed it, and a step reads all of them from memory (SmolLM2:
-# ~350 MB a step against ~60 MB in int4). From a few rows on, fbgemm's fp16 GEMM is ~2x the
-# int4 kernel on CPUs without bf16 instructions (benchmarks/fp16_copy.py; docs/benchmarks.md,
-# session 17).
+# ~350 MB a step against ~60 MB in int4). From a few rows on, fbgemm's fp16 GEMM was ~2x torch's
+# int4 kernel and q4_kernel.c's first float path (session 17); q4_kernel.c's tiled float path is
+# faster than the copies in whole decode steps at every row count on this AVX2 VM (session 25:
+# 0.79-0.93x their step time at 16 rows), so no shipped model keeps copies
+# (benchmarks/fp16_copy.py; docs/benchmarks.md).
 
 
 class Int4Linear(torch.nn.Module):
