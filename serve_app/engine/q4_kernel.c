@@ -29,9 +29,7 @@
 #define ROW_TILE 4 /* activation rows sharing one decoded weight block (16-bit path) */
 #define GEMM_MR 4 /* float path: activation rows ... */
 #define GEMM_NR 3 /* ... times output rows per register tile */
-#ifndef GEMM_ROW_BLOCK
 #define GEMM_ROW_BLOCK 64 /* activation rows per pass over the weights (kept in L2) */
-#endif
 #define F32_MIN_ROWS 8 /* from this many rows on, weights are decoded to float32 instead */
 #define QMAX 32767.0f
 

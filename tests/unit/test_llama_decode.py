@@ -304,7 +304,8 @@ def test_decode_rows_leaves_big_forwards_to_the_unpacked_weight(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A C prefill of Q4_DEQUANTIZED_MIN_ROWS tokens or more multiplies by the weight unpacked
-    to float32 (as fast there), fewer through the int4 kernel: the same values either way."""
+    to float32 (as fast there), fewer through the int4 kernel, also past torch's kernel's
+    threshold (DEQUANTIZED_MIN_ROWS), in decode_rows and forward: the same values either way."""
     layer, calls = _int4(64), []
     kernel = quantized_linear._int4_matmul
 
@@ -319,3 +320,8 @@ def test_decode_rows_leaves_big_forwards_to_the_unpacked_weight(
     assert calls == []
     layer.decode_rows(x[:3])
     assert calls == [3]
+    past_torch = x[: quantized_linear.DEQUANTIZED_MIN_ROWS]
+    layer.decode_rows(past_torch)
+    layer(past_torch)
+    torch_threshold = quantized_linear.DEQUANTIZED_MIN_ROWS
+    assert calls == [3, torch_threshold, torch_threshold]
