@@ -19,6 +19,7 @@ from serve_app.engine.gguf_weights import load_native_model
 from serve_app.engine.inference_thread import InferenceThread
 from serve_app.engine.llm_engine import LLMEngine
 from serve_app.engine.packed_linear import can_pack, pack_linear_layers
+from serve_app.engine.q4_native import set_threads
 from serve_app.engine.quantized_linear import add_fp16_copies
 from serve_app.model_store import is_native_folder, prepare_weights
 
@@ -46,7 +47,7 @@ def pick_dtype(options: EngineOptions, device: torch.device) -> torch.dtype:
 
 def configure_threads(options: EngineOptions) -> None:
     if options.torch_threads:
-        torch.set_num_threads(options.torch_threads)
+        set_threads(options.torch_threads)
 
 
 # Told the weights folder and the tokenizer's class before the tokenizer loads (or, where the

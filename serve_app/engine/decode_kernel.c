@@ -24,6 +24,7 @@
 #include <stdlib.h>
 
 #include "kernel_simd.h"
+#include "work_pool.h"
 
 #define MAX_GROUP 16       /* query heads per key/value head */
 #define MAX_HEAD_DIM 256   /* a multiple of 8 too */
@@ -195,6 +196,53 @@ static void attend_group(const float *q, int group, const float *keys, const flo
     }
 }
 
+typedef struct {
+    const float *qkv;
+    int64_t tokens, heads, kv_heads, head_dim, group, width, qkv_width;
+    float scale;
+    const float *cos, *sin;
+    float *keys, *values;
+    int64_t capacity, first_column;
+    const int64_t *mask;
+    float *out;
+} attention_job;
+
+/* (row, kv head) pairs [begin, end): k rotated and k, v written into the row's cache column. */
+static void write_new_columns(void *arg, int64_t begin, int64_t end) {
+    const attention_job *p = arg;
+    const int64_t kv_heads = p->kv_heads, head_dim = p->head_dim;
+    for (int64_t pair = begin; pair < end; pair++) {
+        const int64_t r = pair / kv_heads, g = pair % kv_heads;
+        const int64_t column = p->first_column + r % p->tokens;
+        const float *row = p->qkv + r * p->qkv_width;
+        const int64_t cache_offset = ((r / p->tokens) * kv_heads + g) * p->capacity * head_dim;
+        const float *v = row + (p->heads + kv_heads + g) * head_dim;
+        rotate(row + (p->heads + g) * head_dim, p->cos + r * head_dim, p->sin + r * head_dim,
+               head_dim, 1.0f, p->keys + cache_offset + column * head_dim);
+        for (int64_t i = 0; i < head_dim; i++)
+            p->values[cache_offset + column * head_dim + i] = v[i];
+    }
+}
+
+/* Pairs [begin, end): the group's q heads rotated, then attention over the row's columns. */
+static void attend_pairs(void *arg, int64_t begin, int64_t end) {
+    const attention_job *p = arg;
+    const int64_t kv_heads = p->kv_heads, head_dim = p->head_dim, group = p->group;
+    for (int64_t pair = begin; pair < end; pair++) {
+        const int64_t r = pair / kv_heads, g = pair % kv_heads, sequence = r / p->tokens;
+        const int64_t column = p->first_column + r % p->tokens;
+        const float *row = p->qkv + r * p->qkv_width;
+        const int64_t cache_offset = (sequence * kv_heads + g) * p->capacity * head_dim;
+        float q[MAX_GROUP * MAX_HEAD_DIM];
+        for (int64_t h = 0; h < group; h++)
+            rotate(row + (g * group + h) * head_dim, p->cos + r * head_dim,
+                   p->sin + r * head_dim, head_dim, p->scale, q + h * head_dim);
+        attend_group(q, (int)group, p->keys + cache_offset, p->values + cache_offset,
+                     column + 1, p->mask + sequence * p->width, head_dim,
+                     p->out + r * p->heads * head_dim + g * group * head_dim);
+    }
+}
+
 /* Rotates each row's q and k, writes every row's k and v into its cache column, then attends
  * (each row sees the columns the rows before it wrote): out [rows, heads head_dim]. */
 int decode_attention(const float *qkv, int64_t rows, int64_t tokens, int64_t heads,
@@ -205,37 +253,13 @@ int decode_attention(const float *qkv, int64_t rows, int64_t tokens, int64_t hea
     if (tokens < 1 || rows % tokens || heads % kv_heads || group > MAX_GROUP ||
         head_dim > MAX_HEAD_DIM || head_dim % 8 || width > capacity)
         return -1;
-    const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim;
+    attention_job job = {qkv, tokens, heads, kv_heads, head_dim, group, width,
+                         (heads + 2 * kv_heads) * head_dim, scale, cos, sin, keys, values,
+                         capacity, first_column, mask, out};
     const int64_t pairs = rows * kv_heads;
-#pragma omp parallel if (pairs * width >= PARALLEL_WORK)
-    {
-#pragma omp for schedule(static)
-        for (int64_t pair = 0; pair < pairs; pair++) {
-            const int64_t r = pair / kv_heads, g = pair % kv_heads;
-            const int64_t column = first_column + r % tokens;
-            const float *row = qkv + r * qkv_width;
-            const int64_t cache_offset = ((r / tokens) * kv_heads + g) * capacity * head_dim;
-            const float *v = row + (heads + kv_heads + g) * head_dim;
-            rotate(row + (heads + g) * head_dim, cos + r * head_dim, sin + r * head_dim,
-                   head_dim, 1.0f, keys + cache_offset + column * head_dim);
-            for (int64_t i = 0; i < head_dim; i++)
-                values[cache_offset + column * head_dim + i] = v[i];
-        }
-#pragma omp for schedule(static)
-        for (int64_t pair = 0; pair < pairs; pair++) {
-            const int64_t r = pair / kv_heads, g = pair % kv_heads, sequence = r / tokens;
-            const int64_t column = first_column + r % tokens;
-            const float *row = qkv + r * qkv_width;
-            const int64_t cache_offset = (sequence * kv_heads + g) * capacity * head_dim;
-            float q[MAX_GROUP * MAX_HEAD_DIM];
-            for (int64_t h = 0; h < group; h++)
-                rotate(row + (g * group + h) * head_dim, cos + r * head_dim, sin + r * head_dim,
-                       head_dim, scale, q + h * head_dim);
-            attend_group(q, (int)group, keys + cache_offset, values + cache_offset, column + 1,
-                         mask + sequence * width, head_dim,
-                         out + r * heads * head_dim + g * group * head_dim);
-        }
-    }
+    write_new_columns(&job, 0, pairs); /* a copy per pair: not worth a loop of the pool */
+    if (pairs * width < PARALLEL_WORK) attend_pairs(&job, 0, pairs); /* too little to share */
+    else work_pool_for(pairs, work_pool_chunk(pairs, 2), attend_pairs, &job);
     return 0;
 }
 

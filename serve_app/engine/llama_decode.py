@@ -42,6 +42,8 @@ from serve_app.engine.q4_native import q4_kernel
 from serve_app.engine.quantized_linear import Int4Linear, fuse_int4
 
 OnLayer = Callable[[], None]
+# A layer's native_max_rows where no fp16 copy takes steps of some row count to torch.
+NO_COPY_ROWS = 1 << 30
 
 
 class LlamaDecodeStep:
@@ -60,6 +62,12 @@ class LlamaDecodeStep:
         self.layers = [_Layer(layer, self.head_dim) for layer in inner.layers]
         self.in_c = q4_kernel() is not None and all(
             layer.attention_shape.fits_kernel() for layer in self.layers
+        )
+        # Every layer of every decode step one C call (q4_kernel.c weights, no fp16 copy taking
+        # bigger steps to torch's matmuls): the step's parallel loops are work_pool.c's.
+        self.layers_on_work_pool = self.in_c and all(
+            layer.native is not None and layer.native_max_rows == NO_COPY_ROWS
+            for layer in self.layers
         )
 
     @torch.no_grad()
@@ -199,7 +207,7 @@ class _Layer:
             "down": self.down_proj.q4,
         }
         native = NativeLayer(weights, (self.input_norm, self.post_norm), self.attention_shape)
-        return native, min(copy_rows, default=1 << 30)
+        return native, min(copy_rows, default=NO_COPY_ROWS)
 
     def step_in_c(
         self, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, cache: CacheColumns

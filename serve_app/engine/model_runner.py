@@ -21,6 +21,7 @@ from serve_app.engine.batch import BatchCache, cache_kv, growing_cache, left_pad
 from serve_app.engine.grammar import apply_grammar_masks
 from serve_app.engine.llama_decode import LlamaDecodeStep, supports_llama_decode
 from serve_app.engine.prefix_cache import BLOCK_TOKENS, LayerKV, PrefixCache
+from serve_app.engine.q4_native import set_threads
 from serve_app.engine.quantized_linear import has_int4_layers
 from serve_app.engine.sampling import Sampled, sample
 from serve_app.engine.sequence import Sequence
@@ -168,7 +169,9 @@ class ModelRunner:
         positions = [seq.num_prompt_tokens + seq.num_generated - 1 for seq in rows]
         position_ids = torch.tensor(positions, device=self.device).unsqueeze(1)
         if not self._has_governor:
-            self.governor, self._has_governor = _thread_governor(self.model, self.device), True
+            on_pool = self.llama_decode is not None and self.llama_decode.layers_on_work_pool
+            self.governor = _thread_governor(self.model, self.device, on_pool)
+            self._has_governor = True
         if self.governor is not None:
             self.governor.start_step(len(rows))
         try:
@@ -255,12 +258,14 @@ class ModelRunner:
         return ids.to(self.device), mask.to(self.device)
 
 
-def _thread_governor(model: Any, device: torch.device) -> ThreadGovernor | None:
-    """One thread while the CPU is contended (thread_governor.py); None on GPU or one thread."""
+def _thread_governor(model: Any, device: torch.device, on_work_pool: bool) -> ThreadGovernor | None:
+    """One thread while the CPU is contended (thread_governor.py); None on GPU, on one thread,
+    or where decode steps run on work_pool.c (on_work_pool), whose SCHED_IDLE workers give way
+    to other processes by themselves and whose loops never wait for a worker that did."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < 2:
+    if device.type != "cpu" or threads < 2 or on_work_pool:
         return None
-    governor = ThreadGovernor(threads, torch.set_num_threads)
+    governor = ThreadGovernor(threads, set_threads)
     return governor if govern_decoder_layers(model, governor) else None
 
 

@@ -13,17 +13,19 @@
  * is faster than fbgemm's fp16 GEMM on copies of the weights (it reads ~60 MB a step, the copies
  * ~350 MB), ~1.1-1.3x slower with every weight in cache (docs/benchmarks.md, session 25).
  *
- * Output rows are split over the OpenMP threads of the calling thread's team; built against the
- * libgomp torch has loaded, it is torch's own pool and follows torch.set_num_threads.
+ * Output rows are split over the threads of work_pool.c (work_pool_set_threads; q4_native.py
+ * keeps it at torch's thread count).
  * Compiled and loaded by q4_native.py.
  */
 #include <immintrin.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernel_simd.h"
+#include "work_pool.h"
 
 #define QK 32
 #define ROW_TILE 4 /* activation rows sharing one decoded weight block (16-bit path) */
@@ -239,33 +241,80 @@ static void decode_rows_f32(const float_path_weights *w, int64_t j, int nr, int6
     }
 }
 
-/* The float path: each thread decodes GEMM_NR output rows at a time into a buffer of its own
- * (once per call, shared by every activation row), then multiplies them with FMAs. */
+/* A float buffer of this thread's, grown as needed (kept: the pool's threads live on). */
+static float *thread_buffer(size_t floats) {
+    static __thread float *buffer;
+    static __thread size_t capacity;
+    if (capacity < floats) {
+        free(buffer);
+        buffer = aligned_alloc(32, (floats * sizeof(float) + 31) / 32 * 32);
+        capacity = buffer ? floats : 0;
+    }
+    return buffer;
+}
+
+typedef struct {
+    const float *x; /* the rows of this pass */
+    int64_t rows, k, n, nb;
+    const float_path_weights *weights;
+    float *y;
+    _Atomic int failed;
+} float_pass;
+
+/* Column groups [begin, end) of one pass: each GEMM_NR output rows decoded once into this
+ * thread's buffer, then multiplied with every activation row of the pass. */
+static void float_pass_columns(void *arg, int64_t begin, int64_t end) {
+    float_pass *p = arg;
+    float *w = thread_buffer((size_t)(GEMM_NR * p->k));
+    if (!w) {
+        atomic_store(&p->failed, 1);
+        return;
+    }
+    for (int64_t group = begin; group < end; group++) {
+        const int64_t j = group * GEMM_NR;
+        const int nr = p->n - j < GEMM_NR ? (int)(p->n - j) : GEMM_NR;
+        decode_rows_f32(p->weights, j, nr, p->nb, w);
+        gemm_columns(p->x, p->rows, p->k, w, nr, p->y + j, p->n);
+    }
+}
+
+/* The float path, in passes of GEMM_ROW_BLOCK activation rows (kept in L2), each split over the
+ * work pool by groups of GEMM_NR output rows. */
 static int matmul_f32(const float *x, int64_t rows, int64_t k, const float_path_weights *weights,
                       int64_t n, float *y) {
-    const int64_t nb = k / QK;
-    int failed = 0;
-#pragma omp parallel
-    {
-        float *w = aligned_alloc(32, sizeof(float) * (size_t)(GEMM_NR * k));
-        if (!w) {
-#pragma omp atomic write
-            failed = 1;
-        }
-        for (int64_t r = 0; r < rows; r += GEMM_ROW_BLOCK) {
-            const int64_t block = rows - r < GEMM_ROW_BLOCK ? rows - r : GEMM_ROW_BLOCK;
-            /* static: each thread takes the same output rows for every block, so no barrier */
-#pragma omp for schedule(static) nowait
-            for (int64_t j = 0; j < n; j += GEMM_NR) {
-                if (!w) continue;
-                const int nr = n - j < GEMM_NR ? (int)(n - j) : GEMM_NR;
-                decode_rows_f32(weights, j, nr, nb, w);
-                gemm_columns(x + r * k, block, k, w, nr, y + r * n + j, n);
-            }
-        }
-        free(w);
+    const int64_t groups = (n + GEMM_NR - 1) / GEMM_NR;
+    float_pass pass = {.k = k, .n = n, .nb = k / QK, .weights = weights, .failed = 0};
+    for (int64_t r = 0; r < rows; r += GEMM_ROW_BLOCK) {
+        pass.x = x + r * k;
+        pass.rows = rows - r < GEMM_ROW_BLOCK ? rows - r : GEMM_ROW_BLOCK;
+        pass.y = y + r * n;
+        work_pool_for(groups, work_pool_chunk(groups, 8), float_pass_columns, &pass);
     }
-    return failed ? -1 : 0;
+    return atomic_load(&pass.failed) ? -1 : 0;
+}
+
+typedef struct {
+    activations16 a;
+    int64_t rows, k;
+    const uint8_t *qs;
+    const float *d, *m;
+    int64_t n;
+    float *y;
+} q4_rows16;
+
+/* Outputs [begin, end) of the 16-bit path. */
+static void q4_outputs16(void *arg, int64_t begin, int64_t end) {
+    const q4_rows16 *p = arg;
+    const int64_t k = p->k, nb = k / QK, n = p->n;
+    for (int64_t j = begin; j < end; j++) {
+        float out[ROW_TILE];
+        for (int64_t r0 = 0; r0 < p->rows; r0 += ROW_TILE) {
+            const int tile = p->rows - r0 < ROW_TILE ? (int)(p->rows - r0) : ROW_TILE;
+            dot_tile(p->qs + j * nb * 16, p->d + j * nb, p->m + j * nb, nb, p->a.q + r0 * k,
+                     p->a.d + r0 * nb, p->a.s + r0 * nb, k, tile, out);
+            for (int r = 0; r < tile; r++) p->y[(r0 + r) * n + j] = out[r];
+        }
+    }
 }
 
 /* x [rows, k] float32, qs [n, k / 2] bytes, d and m [n, k / 32] float32, y [rows, n] float32.
@@ -276,41 +325,42 @@ int q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *qs, const 
         const float_path_weights weights = {qs, d, m, 0};
         return matmul_f32(x, rows, k, &weights, n, y);
     }
-    const int64_t nb = k / QK;
     const activations16 a = quantize_rows(x, rows, k);
     if (!a.q) return -1;
-    const int16_t *qx = a.q;
-    const float *dx = a.d, *sx = a.s;
-#pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < n; j++) {
-        float out[ROW_TILE];
-        for (int64_t r0 = 0; r0 < rows; r0 += ROW_TILE) {
-            const int tile = rows - r0 < ROW_TILE ? (int)(rows - r0) : ROW_TILE;
-            dot_tile(qs + j * nb * 16, d + j * nb, m + j * nb, nb, qx + r0 * k, dx + r0 * nb,
-                     sx + r0 * nb, k, tile, out);
-            for (int r = 0; r < tile; r++) y[(r0 + r) * n + j] = out[r];
-        }
-    }
+    q4_rows16 job = {a, rows, k, qs, d, m, n, y};
+    work_pool_for(n, work_pool_chunk(n, 2), q4_outputs16, &job);
     free_activations(a);
     return 0;
 }
 
 /* The weight as float32 [n, k] (exactness checks and big prefill forwards). */
-void q4_dequantize(const uint8_t *qs, const float *d, const float *m, int64_t n, int64_t k,
-                   float *w) {
-    const int64_t nb = k / QK;
-#pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < n; j++) {
+typedef struct {
+    const uint8_t *qs;
+    const float *d, *m;
+    int64_t k;
+    float *w;
+} q4_unpack;
+
+static void q4_dequantize_rows(void *arg, int64_t begin, int64_t end) {
+    const q4_unpack *p = arg;
+    const int64_t k = p->k, nb = k / QK;
+    for (int64_t j = begin; j < end; j++) {
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *q = qs + (j * nb + b) * 16;
-            float *out = w + j * k + b * QK;
-            const float scale = d[j * nb + b], min = m[j * nb + b];
+            const uint8_t *q = p->qs + (j * nb + b) * 16;
+            float *out = p->w + j * k + b * QK;
+            const float scale = p->d[j * nb + b], min = p->m[j * nb + b];
             for (int i = 0; i < 16; i++) {
                 out[i] = (float)(q[i] & 0x0F) * scale + min;
                 out[i + 16] = (float)(q[i] >> 4) * scale + min;
             }
         }
     }
+}
+
+void q4_dequantize(const uint8_t *qs, const float *d, const float *m, int64_t n, int64_t k,
+                   float *w) {
+    q4_unpack job = {qs, d, m, k, w};
+    work_pool_for(n, work_pool_chunk(n, 4), q4_dequantize_rows, &job);
 }
 
 /* ---- Q8_0 rows (the GGUF's own blocks: fp16 scale, then 32 int8), 16-bit activations ----
@@ -325,6 +375,38 @@ static inline __m256 q8_block_dot(const uint8_t *block, const int16_t *qx) {
     return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
 }
 
+typedef struct {
+    activations16 a;
+    int64_t rows, k;
+    const uint8_t *w;
+    int64_t row_bytes, n;
+    float *y;
+} q8_rows16;
+
+/* Outputs [begin, end) of the 16-bit path on Q8_0 rows (no minimum: no block sums needed). */
+static void q8_outputs16(void *arg, int64_t begin, int64_t end) {
+    const q8_rows16 *p = arg;
+    const int64_t k = p->k, nb = k / QK, n = p->n;
+    for (int64_t j = begin; j < end; j++) {
+        const uint8_t *wj = p->w + j * p->row_bytes;
+        for (int64_t r0 = 0; r0 < p->rows; r0 += ROW_TILE) {
+            const int tile = p->rows - r0 < ROW_TILE ? (int)(p->rows - r0) : ROW_TILE;
+            __m256 acc[ROW_TILE];
+            for (int r = 0; r < tile; r++) acc[r] = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *block = wj + b * Q8_BLOCK_BYTES;
+                const float d = fp16_scale(block);
+                for (int r = 0; r < tile; r++) {
+                    const int64_t row = r0 + r;
+                    acc[r] = _mm256_fmadd_ps(q8_block_dot(block, p->a.q + row * k + b * QK),
+                                             _mm256_set1_ps(d * p->a.d[row * nb + b]), acc[r]);
+                }
+            }
+            for (int r = 0; r < tile; r++) p->y[(r0 + r) * n + j] = hsum(acc[r]);
+        }
+    }
+}
+
 /* x [rows, k] float32; w [n, row_bytes] Q8_0 rows (row_bytes = k / 32 * 34); y [rows, n].
  * Returns 0, or -1 when memory ran out. */
 int q8_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t row_bytes,
@@ -333,30 +415,10 @@ int q8_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t
         const float_path_weights weights = {w, NULL, NULL, row_bytes};
         return matmul_f32(x, rows, k, &weights, n, y);
     }
-    const int64_t nb = k / QK;
     const activations16 a = quantize_rows(x, rows, k);
     if (!a.q) return -1;
-    const int16_t *qx = a.q;
-    const float *dx = a.d; /* Q8_0 has no minimum: the blocks' sums are not needed */
-#pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < n; j++) {
-        const uint8_t *wj = w + j * row_bytes;
-        for (int64_t r0 = 0; r0 < rows; r0 += ROW_TILE) {
-            const int tile = rows - r0 < ROW_TILE ? (int)(rows - r0) : ROW_TILE;
-            __m256 acc[ROW_TILE];
-            for (int r = 0; r < tile; r++) acc[r] = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *block = wj + b * Q8_BLOCK_BYTES;
-                const float d = fp16_scale(block);
-                for (int r = 0; r < tile; r++) {
-                    const int64_t row = r0 + r;
-                    acc[r] = _mm256_fmadd_ps(q8_block_dot(block, qx + row * k + b * QK),
-                                             _mm256_set1_ps(d * dx[row * nb + b]), acc[r]);
-                }
-            }
-            for (int r = 0; r < tile; r++) y[(r0 + r) * n + j] = hsum(acc[r]);
-        }
-    }
+    q8_rows16 job = {a, rows, k, w, row_bytes, n, y};
+    work_pool_for(n, work_pool_chunk(n, 2), q8_outputs16, &job);
     free_activations(a);
     return 0;
 }

@@ -8,9 +8,9 @@ multiplies with integer instructions on activations quantized to 16 bits per blo
 bits, llama.cpp's choice, failed SmolLM2's quality guard), and from 8 rows on with float32 FMAs
 on weights decoded once per call, in register tiles: 1.4-2x torch's int4 kernel at one row
 (docs/benchmarks.md, session 19), and from 8 rows faster than fbgemm's fp16 GEMM in a whole
-decode step (session 25; Q8_0 output rows take the same float path). Its OpenMP
-loops run on torch's own libgomp team (the library is loaded after torch, which has already
-loaded libgomp.so.1), so torch.set_num_threads and the thread governor apply to them too.
+decode step (session 25; Q8_0 output rows take the same float path). Their parallel loops run
+on work_pool.c's threads, not OpenMP's (it says why); `set_threads` sets torch's thread count
+and the pool's together, and the thread governor goes through it.
 
 Where there is no C compiler, no AVX2/FMA/F16C, or SERVE_APP_INT4_KERNEL=torch, `q4_kernel()` is
 None and the layers keep torch's int4 kernel and an fp16 head.
@@ -34,9 +34,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-SOURCES = [_HERE / "q4_kernel.c", _HERE / "decode_kernel.c"]
-HEADERS = [_HERE / "kernel_simd.h"]
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+SOURCES = [_HERE / "q4_kernel.c", _HERE / "decode_kernel.c", _HERE / "work_pool.c"]
+HEADERS = [_HERE / "kernel_simd.h", _HERE / "work_pool.h"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-shared", "-fPIC"]
 GROUP = 32
 KERNEL_ENV = "SERVE_APP_INT4_KERNEL"  # "auto" (default) or "torch"
 
@@ -71,8 +71,20 @@ def q4_kernel() -> ctypes.CDLL | None:
     library.llama_layer_decode.argtypes += [size, pointer]
     for name in ("q4_matmul", "q8_matmul", "decode_attention", "llama_layer_decode"):
         getattr(library, name).restype = ctypes.c_int  # 0, or -1: out of memory or shapes
+    library.work_pool_set_threads.argtypes = [ctypes.c_int]
+    library.work_pool_set_threads(torch.get_num_threads())
     logger.info("int4 layers on q4_kernel.c (%s)", library._name)
     return library
+
+
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads and the C kernels' pool, together (the thread governor's
+    setter); the pool takes torch's count when the library loads."""
+    torch.set_num_threads(threads)
+    if q4_kernel.cache_info().currsize:  # only once loaded: this must not compile it
+        library = q4_kernel()
+        if library is not None:
+            library.work_pool_set_threads(threads)
 
 
 def _cpu_has(*flags: str) -> bool:

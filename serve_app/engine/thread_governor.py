@@ -15,6 +15,10 @@ thread. After `retry_s` it tries all threads again (a contended retry costs a fe
 not a step); the wait doubles while contention lasts. A median, not one layer: a single late
 layer (a timer tick, a short preemption) is no reason to halve the team for a second.
 
+Decode steps whose every layer is one decode_kernel.c call (Llama models on q4_kernel.c weights)
+are not governed: their loops run on work_pool.c, whose SCHED_IDLE workers give way to other
+processes and whose loops never wait for a worker that has not started (model_runner.py).
+
 A retry is judged against the one-thread layers just before it, not against the quiet time: all
 threads stay when they beat one thread by RETRY_GAIN, and their time becomes the quiet one. The
 quiet time follows a growing context only slowly (a layer's attention grows with it), so a long

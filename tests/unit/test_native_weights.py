@@ -439,6 +439,42 @@ def test_a_native_llama_decodes_through_the_written_out_step(
     assert torch.equal(expected.argmax(-1), got.argmax(-1))
 
 
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+def test_only_decode_steps_wholly_on_the_work_pool_go_ungoverned(
+    tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """A native Llama whose every layer is one q4_kernel.c call decodes on work_pool.c, whose
+    SCHED_IDLE workers give way by themselves: no thread governor. Layers with bf16 weights,
+    fp16 copies (bigger steps on torch's matmuls) or float32 weights (torch's OpenMP team)
+    keep one."""
+    from serve_app.engine.model_runner import ModelRunner, _thread_governor
+
+    def governed(model: Any) -> bool:
+        step = ModelRunner(model).llama_decode
+        on_pool = step is not None and step.layers_on_work_pool
+        return _thread_governor(model, torch.device("cpu"), on_pool) is not None
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        all_q4 = tmp_path / "q4_1.gguf"
+        write_tiny_gguf(all_q4, linear_types=dict.fromkeys(LINEAR_TYPES, T.Q4_1))
+        folder = native_folder(all_q4, tmp_path / "n")
+        native, _ = load_native_model(folder, AutoModelForCausalLM)
+        assert not governed(native)
+        copied, _ = load_native_model(folder, AutoModelForCausalLM)
+        quantized_linear.add_fp16_copies(copied, min_rows=2)
+        assert governed(copied)
+        mixed, _ = load_native_model(native_folder(tiny_gguf, tmp_path / "m"), AutoModelForCausalLM)
+        assert governed(mixed)  # its Q8_0 and Q5_0 layers are bf16
+        reference = AutoModelForCausalLM.from_pretrained(
+            tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32
+        ).eval()
+        assert governed(reference)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_fp16_copies_serve_the_written_out_steps_rows(
     tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,7 +3,11 @@ run (no compiler, no AVX2, or SERVE_APP_INT4_KERNEL=torch) int4 layers keep torc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import ctypes
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -82,7 +86,7 @@ def test_the_float_path_covers_every_tile_remainder(threads: int) -> None:
     pass, get the exact weight's product (to float32 accumulation)."""
     generator = torch.Generator().manual_seed(1)
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    q4_native.set_threads(threads)
     try:
         for outputs in (1, 2, 4, 5, 96):
             q = torch.randint(0, 16, (outputs, 96), generator=generator)
@@ -96,7 +100,100 @@ def test_the_float_path_covers_every_tile_remainder(threads: int) -> None:
                 got = weight.matmul(x).double()
                 assert (got - expected).abs().max() < 1e-5 * expected.abs().max(), (outputs, rows)
     finally:
-        torch.set_num_threads(previous)
+        q4_native.set_threads(previous)
+
+
+_POOL_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+
+
+def _pool_for() -> Callable[[int, int, Callable[[int, int], None]], None]:
+    """work_pool.c's work_pool_for(items, chunk, fn) with a Python fn(begin, end)."""
+    library = q4_kernel()
+    assert library is not None
+    library.work_pool_for.argtypes = [
+        ctypes.c_int64,
+        ctypes.c_int64,
+        _POOL_CALLBACK,
+        ctypes.c_void_p,
+    ]
+
+    def pool_for(items: int, chunk: int, fn: Callable[[int, int], None]) -> None:
+        callback = _POOL_CALLBACK(lambda _, begin, end: fn(begin, end))
+        library.work_pool_for(items, chunk, callback, None)
+
+    return pool_for
+
+
+@contextlib.contextmanager
+def _pool_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    q4_native.set_threads(threads)
+    try:
+        yield
+    finally:
+        q4_native.set_threads(previous)
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_the_work_pool_runs_every_item_once(threads: int) -> None:
+    """work_pool.c's loops: every item exactly once whatever the chunk size and thread count,
+    loop after loop (the workers claim chunks of each new loop, or find none left)."""
+    pool_for, counts, lock = _pool_for(), [], threading.Lock()
+
+    def run(begin: int, end: int) -> None:
+        with lock:  # ctypes runs the callback on the workers too (holding the GIL)
+            for item in range(begin, end):
+                counts[item] += 1
+
+    with _pool_threads(threads):
+        for items, chunk in [(1, 1), (2, 1), (7, 3), (100, 1), (1000, 7), (64, 64), (5, 100)]:
+            for _ in range(20):
+                counts[:] = [0] * items
+                pool_for(items, chunk, run)
+                assert counts == [1] * items, (items, chunk)
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+def test_a_loop_returns_only_after_the_workers_chunks_end() -> None:
+    """Chunks that outlast the caller's spin (it then sleeps until a worker's last chunk wakes
+    it): the loop returns with every chunk run and none still running, loop after loop."""
+    pool_for, counts, running, lock = _pool_for(), [0] * 6, [0], threading.Lock()
+
+    def slow(begin: int, end: int) -> None:
+        with lock:
+            running[0] += 1
+        time.sleep(0.002)  # lets go of the GIL: the caller and the worker overlap
+        with lock:
+            running[0] -= 1
+            for item in range(begin, end):
+                counts[item] += 1
+
+    with _pool_threads(2):
+        for loop in range(1, 21):
+            pool_for(6, 1, slow)
+            assert running == [0] and counts == [loop] * 6
+
+
+def _scheduling_policies() -> dict[int, int]:
+    """This process's threads: thread id -> scheduling policy (field 41 of /proc's stat)."""
+    policies = {}
+    for task in Path("/proc/self/task").iterdir():
+        fields = (task / "stat").read_text().rpartition(")")[2].split()
+        policies[int(task.name)] = int(fields[38])
+    return policies
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+def test_the_pool_workers_run_only_on_idle_cores() -> None:
+    """The workers are SCHED_IDLE (they never take a core from the serving processes); the
+    calling thread keeps its own policy."""
+    with _pool_threads(2):
+        _pool_for()(64, 1, lambda begin, end: None)
+        policies = _scheduling_policies()
+    sched_idle = 5
+    assert policies[threading.get_native_id()] != sched_idle
+    assert sched_idle in policies.values()
 
 
 @pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")

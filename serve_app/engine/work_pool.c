@@ -1,0 +1,201 @@
+/* The C kernels' parallel loops, on a pool of worker threads of our own instead of OpenMP.
+ *
+ * Why not OpenMP: a served engine shares this 2-core machine with Serve's proxy, the ingress and
+ * the replica, which wake once per streamed token. An OpenMP loop ends at a barrier that every
+ * thread of the team must reach, so when one of those processes preempts a worker, the calling
+ * thread waits for it even if the worker had nothing left to do. Measured: served SmolLM2 on two
+ * OpenMP threads used 1.8 cores for the tokens of one thread (docs/benchmarks.md, session 25),
+ * and the thread governor kept it on one thread, while the offline engine ran 1.5x faster on two.
+ *
+ * Here a loop's items are claimed in chunks from one atomic ticket, by the calling thread and
+ * by the workers alike, and the caller waits only for chunks a worker has claimed: a worker
+ * that has not woken yet (or was preempted between chunks) finds nothing left and costs nothing.
+ * Workers spin briefly for the next loop (a decode step runs hundreds), then sleep on a futex.
+ *
+ * The workers are SCHED_IDLE: they run only on a core nothing else wants, so the processes that
+ * ship the tokens never wait for them, and the engine gets the rest of the machine without a
+ * thread governor. A caller whose last chunks are still with a worker spins 20 us, then sleeps
+ * until the worker's last chunk wakes it, leaving its own core idle for the worker to move to.
+ * Served SmolLM2 beside the shipped OpenMP engine (governed): c=16 1.15x the tokens, TTFT p50
+ * 0.97x, c=1 1.06x; sleeping rather than yielding: TTFT p50 0.85x (docs/benchmarks.md,
+ * session 26).
+ *
+ * The pool is made on first use in the process that uses it (an engine forked from the zygote
+ * makes its own: threads do not survive fork).
+ */
+#define _GNU_SOURCE
+#include <immintrin.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "work_pool.h"
+
+#define MAX_THREADS 64
+#define SPIN_NS 2000000 /* a worker spins this long for the next loop before it sleeps */
+#define WAIT_SPIN_NS 20000 /* the caller spins this long for claimed chunks, then sleeps */
+
+/* ticket: generation (24 bits) | chunks (20 bits) | next chunk (20 bits) */
+#define CHUNK_BITS 20
+#define CHUNK_MASK ((UINT64_C(1) << CHUNK_BITS) - 1)
+#define MAX_CHUNKS CHUNK_MASK
+
+static struct {
+    /* each on a cache line of its own: every claim writes the ticket, every chunk done */
+    _Alignas(64) _Atomic uint64_t ticket;
+    _Alignas(64) _Atomic int64_t done; /* chunks finished in this generation */
+    _Alignas(64) pool_fn fn;
+    void *ctx;
+    int64_t items, chunk;
+    _Atomic int active; /* threads taking part, the caller included */
+    _Atomic int sleepers;
+    _Atomic uint32_t wake; /* futex word: bumped when a loop is published to sleepers */
+    int64_t num_chunks; /* of the current loop */
+    _Alignas(64) _Atomic uint32_t finished; /* futex word: bumped when a sleeping caller's loop ends */
+    _Atomic int caller_sleeps;
+    int workers; /* worker threads made so far */
+    pid_t owner; /* the process whose workers these are */
+    pthread_mutex_t grow;
+} pool = {.active = 1, .grow = PTHREAD_MUTEX_INITIALIZER};
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static uint64_t generation(uint64_t ticket) { return ticket >> (2 * CHUNK_BITS); }
+
+/* Claims and runs chunks of the current loop until none are left; 0 if it ran none. */
+static int run_chunks(uint64_t gen) {
+    int ran = 0;
+    uint64_t t = atomic_load(&pool.ticket);
+    for (;;) {
+        const uint64_t chunks = (t >> CHUNK_BITS) & CHUNK_MASK, next = t & CHUNK_MASK;
+        if (generation(t) != gen || next >= chunks) return ran;
+        if (!atomic_compare_exchange_weak(&pool.ticket, &t, t + 1)) continue;
+        /* the claim is ours: the loop's fields stay as they are until every chunk is done */
+        const int64_t begin = (int64_t)next * pool.chunk;
+        const int64_t end = begin + pool.chunk < pool.items ? begin + pool.chunk : pool.items;
+        const int64_t num_chunks = pool.num_chunks; /* before the last chunk frees the fields */
+        pool.fn(pool.ctx, begin, end);
+        if (atomic_fetch_add(&pool.done, 1) + 1 == num_chunks && atomic_load(&pool.caller_sleeps)) {
+            atomic_fetch_add(&pool.finished, 1);
+            syscall(SYS_futex, &pool.finished, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+        }
+        ran = 1;
+        t = atomic_load(&pool.ticket);
+    }
+}
+
+static void *worker(void *arg) {
+    const int index = (int)(intptr_t)arg; /* 1.. : the caller is 0 */
+    /* SCHED_IDLE, this thread only (the header says why); best effort */
+    const struct sched_param idle = {0};
+    sched_setscheduler(0, SCHED_IDLE, &idle);
+    uint64_t seen = generation(atomic_load(&pool.ticket));
+    for (;;) {
+        int64_t spin_until = now_ns() + SPIN_NS;
+        uint64_t gen;
+        for (;;) {
+            gen = generation(atomic_load(&pool.ticket));
+            if (gen != seen) break;
+            if (now_ns() < spin_until) {
+                _mm_pause();
+                continue;
+            }
+            const uint32_t wake = atomic_load(&pool.wake);
+            atomic_fetch_add(&pool.sleepers, 1);
+            if (generation(atomic_load(&pool.ticket)) == seen)
+                syscall(SYS_futex, &pool.wake, FUTEX_WAIT_PRIVATE, wake, NULL, NULL, 0);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            spin_until = now_ns() + SPIN_NS;
+        }
+        seen = gen;
+        if (index < atomic_load(&pool.active)) run_chunks(gen);
+    }
+    return NULL;
+}
+
+/* Workers up to `threads` - 1 in this process (a forked child starts with none). */
+static void ensure_workers(int threads) {
+    const pid_t me = getpid();
+    if (pool.owner == me && pool.workers >= threads - 1) return;
+    pthread_mutex_lock(&pool.grow);
+    if (pool.owner != me) { /* forked: the parent's workers are not here */
+        pool.owner = me;
+        pool.workers = 0;
+    }
+    while (pool.workers < threads - 1 && pool.workers < MAX_THREADS - 1) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&thread, &attr, worker, (void *)(intptr_t)(pool.workers + 1)) != 0) {
+            pthread_attr_destroy(&attr);
+            break;
+        }
+        pthread_attr_destroy(&attr);
+        pool.workers++;
+    }
+    pthread_mutex_unlock(&pool.grow);
+}
+
+void work_pool_set_threads(int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    atomic_store(&pool.active, threads);
+}
+
+int work_pool_threads(void) { return atomic_load(&pool.active); }
+
+void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx) {
+    if (items <= 0) return;
+    if (chunk < 1) chunk = 1;
+    int64_t chunks = (items + chunk - 1) / chunk;
+    if (chunks > (int64_t)MAX_CHUNKS) {
+        chunk = (items + MAX_CHUNKS - 1) / MAX_CHUNKS;
+        chunks = (items + chunk - 1) / chunk;
+    }
+    const int threads = atomic_load(&pool.active);
+    if (threads < 2 || chunks < 2) {
+        fn(ctx, 0, items);
+        return;
+    }
+    ensure_workers(threads);
+    /* Only one loop runs at a time: the engine's one inference thread calls the kernels. */
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.items = items;
+    pool.chunk = chunk;
+    pool.num_chunks = chunks;
+    atomic_store(&pool.done, 0);
+    const uint64_t gen = (generation(atomic_load(&pool.ticket)) + 1) & 0xFFFFFF;
+    atomic_store(&pool.ticket, (gen << (2 * CHUNK_BITS)) | ((uint64_t)chunks << CHUNK_BITS));
+    if (atomic_load(&pool.sleepers) > 0) {
+        atomic_fetch_add(&pool.wake, 1);
+        syscall(SYS_futex, &pool.wake, FUTEX_WAKE_PRIVATE, MAX_THREADS, NULL, NULL, 0);
+    }
+    run_chunks(gen);
+    /* every chunk is claimed; wait for the ones a worker is still running */
+    const int64_t sleep_after = now_ns() + WAIT_SPIN_NS;
+    while (atomic_load(&pool.done) < chunks) {
+        if (now_ns() < sleep_after) {
+            _mm_pause();
+            continue;
+        }
+        /* asleep, this thread leaves its core idle, where a preempted SCHED_IDLE worker can run */
+        const uint32_t seen = atomic_load(&pool.finished);
+        atomic_store(&pool.caller_sleeps, 1);
+        if (atomic_load(&pool.done) < chunks) {
+            const struct timespec timeout = {0, 1000000}; /* a safety net only */
+            syscall(SYS_futex, &pool.finished, FUTEX_WAIT_PRIVATE, seen, &timeout, NULL, 0);
+        }
+        atomic_store(&pool.caller_sleeps, 0);
+    }
+}
