@@ -21,7 +21,7 @@ from serve_app.engine.batch import BatchCache, cache_kv, growing_cache, left_pad
 from serve_app.engine.grammar import apply_grammar_masks
 from serve_app.engine.llama_decode import LlamaDecodeStep, supports_llama_decode
 from serve_app.engine.prefix_cache import BLOCK_TOKENS, LayerKV, PrefixCache
-from serve_app.engine.q4_native import set_threads
+from serve_app.engine.q4_native import set_threads, work_pool_stalls
 from serve_app.engine.quantized_linear import has_int4_layers
 from serve_app.engine.sampling import Sampled, sample
 from serve_app.engine.sequence import Sequence
@@ -63,6 +63,7 @@ class ModelRunner:
         # (OpenMP), and Ray's OMP_NUM_THREADS=1 leaves other threads seeing one.
         self.governor: ThreadGovernor | None = None
         self._has_governor = False
+        self._stalls = 0  # work_pool.c's, last seen
 
     # ---- prefix cache ------------------------------------------------------------------
 
@@ -179,7 +180,15 @@ class ModelRunner:
         finally:
             if self.governor is not None:
                 self.governor.end_step()
+        self._log_new_stalls()
         return _sample(logits, rows)
+
+    def _log_new_stalls(self) -> None:
+        """Says when work_pool.c found the cores contended (as the governor says its drops)."""
+        stalls = work_pool_stalls()
+        if stalls != self._stalls:
+            self._stalls = stalls
+            logger.info("cores contended: C kernel loops on one thread for a while (%d)", stalls)
 
     def _decode_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         mask, cache = self.batch.decode_mask(), self.batch.cache

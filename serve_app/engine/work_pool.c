@@ -39,6 +39,13 @@
 #define MAX_THREADS 64
 #define SPIN_NS 2000000 /* a worker spins this long for the next loop before it sleeps */
 #define WAIT_SPIN_NS 20000 /* the caller spins this long for claimed chunks, then sleeps */
+/* A caller that waits this much longer for a worker's chunk than its own chunks took finds the
+ * cores contended (a worker preempted while both cores are wanted: SCHED_IDLE gets almost no
+ * time then); its loops then run alone for SOLO_MIN_NS, doubling while stalls come right back,
+ * up to SOLO_MAX_NS. What the thread governor did for OpenMP, bounded the same way. */
+#define STALL_NS 2000000
+#define SOLO_MIN_NS INT64_C(100000000)
+#define SOLO_MAX_NS INT64_C(3200000000)
 
 /* ticket: generation (24 bits) | chunks (20 bits) | next chunk (20 bits) */
 #define CHUNK_BITS 20
@@ -58,6 +65,9 @@ static struct {
     int64_t num_chunks; /* of the current loop */
     _Alignas(64) _Atomic uint32_t finished; /* futex word: bumped when a sleeping caller's loop ends */
     _Atomic int caller_sleeps;
+    int64_t solo_until, solo_ns; /* the caller's: loops run alone until solo_until */
+    _Atomic int64_t stalls; /* times a caller found the cores contended */
+    _Atomic int started; /* workers that have set their scheduling policy */
     int workers; /* worker threads made so far */
     pid_t owner; /* the process whose workers these are */
     pthread_mutex_t grow;
@@ -71,7 +81,7 @@ static int64_t now_ns(void) {
 
 static uint64_t generation(uint64_t ticket) { return ticket >> (2 * CHUNK_BITS); }
 
-/* Claims and runs chunks of the current loop until none are left; 0 if it ran none. */
+/* Claims and runs chunks of the current loop until none are left; returns how many it ran. */
 static int run_chunks(uint64_t gen) {
     int ran = 0;
     uint64_t t = atomic_load(&pool.ticket);
@@ -88,7 +98,7 @@ static int run_chunks(uint64_t gen) {
             atomic_fetch_add(&pool.finished, 1);
             syscall(SYS_futex, &pool.finished, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
         }
-        ran = 1;
+        ran++;
         t = atomic_load(&pool.ticket);
     }
 }
@@ -98,6 +108,7 @@ static void *worker(void *arg) {
     /* SCHED_IDLE, this thread only (the header says why); best effort */
     const struct sched_param idle = {0};
     sched_setscheduler(0, SCHED_IDLE, &idle);
+    atomic_fetch_add(&pool.started, 1);
     uint64_t seen = generation(atomic_load(&pool.ticket));
     for (;;) {
         int64_t spin_until = now_ns() + SPIN_NS;
@@ -130,6 +141,7 @@ static void ensure_workers(int threads) {
     if (pool.owner != me) { /* forked: the parent's workers are not here */
         pool.owner = me;
         pool.workers = 0;
+        atomic_store(&pool.started, 0);
     }
     while (pool.workers < threads - 1 && pool.workers < MAX_THREADS - 1) {
         pthread_t thread;
@@ -143,6 +155,8 @@ static void ensure_workers(int threads) {
         pthread_attr_destroy(&attr);
         pool.workers++;
     }
+    /* no loop runs before the new workers are SCHED_IDLE (a moment, once per process) */
+    while (atomic_load(&pool.started) < pool.workers) sched_yield();
     pthread_mutex_unlock(&pool.grow);
 }
 
@@ -154,6 +168,18 @@ void work_pool_set_threads(int threads) {
 
 int work_pool_threads(void) { return atomic_load(&pool.active); }
 
+int64_t work_pool_stalls(void) { return atomic_load(&pool.stalls); }
+
+/* The cores are contended: loops run on the caller alone for a while (STALL_NS says why). */
+static void run_alone_for_a_while(int64_t now) {
+    const int again = now - pool.solo_until < SOLO_MIN_NS; /* right after the last spell */
+    pool.solo_ns = again && 2 * pool.solo_ns < SOLO_MAX_NS ? 2 * pool.solo_ns
+                   : again                                  ? SOLO_MAX_NS
+                                                            : SOLO_MIN_NS;
+    pool.solo_until = now + pool.solo_ns;
+    atomic_fetch_add(&pool.stalls, 1);
+}
+
 void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx) {
     if (items <= 0) return;
     if (chunk < 1) chunk = 1;
@@ -163,7 +189,7 @@ void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx) {
         chunks = (items + chunk - 1) / chunk;
     }
     const int threads = atomic_load(&pool.active);
-    if (threads < 2 || chunks < 2) {
+    if (threads < 2 || chunks < 2 || now_ns() < pool.solo_until) {
         fn(ctx, 0, items);
         return;
     }
@@ -181,9 +207,11 @@ void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx) {
         atomic_fetch_add(&pool.wake, 1);
         syscall(SYS_futex, &pool.wake, FUTEX_WAKE_PRIVATE, MAX_THREADS, NULL, NULL, 0);
     }
-    run_chunks(gen);
+    const int64_t started = now_ns();
+    const int ran = run_chunks(gen);
     /* every chunk is claimed; wait for the ones a worker is still running */
-    const int64_t sleep_after = now_ns() + WAIT_SPIN_NS;
+    const int64_t wait_started = now_ns(), sleep_after = wait_started + WAIT_SPIN_NS;
+    const int64_t own_chunk_ns = ran ? (wait_started - started) / ran : 0;
     while (atomic_load(&pool.done) < chunks) {
         if (now_ns() < sleep_after) {
             _mm_pause();
@@ -198,4 +226,6 @@ void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx) {
         }
         atomic_store(&pool.caller_sleeps, 0);
     }
+    const int64_t now = now_ns();
+    if (now - wait_started > STALL_NS + 2 * own_chunk_ns) run_alone_for_a_while(now);
 }

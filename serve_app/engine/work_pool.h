@@ -15,6 +15,9 @@ void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx);
 void work_pool_set_threads(int threads);
 int work_pool_threads(void);
 
+/* Times a loop found the cores contended and ran alone for a while since (work_pool.c). */
+int64_t work_pool_stalls(void);
+
 /* A chunk size giving each thread about `per_thread` chunks of `items`. */
 static inline int64_t work_pool_chunk(int64_t items, int per_thread) {
     const int64_t parts = (int64_t)work_pool_threads() * per_thread;

@@ -175,6 +175,37 @@ def test_a_loop_returns_only_after_the_workers_chunks_end() -> None:
             assert running == [0] and counts == [loop] * 6
 
 
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+def test_a_stalled_worker_sends_the_loops_to_the_caller_alone_for_a_while() -> None:
+    """A loop whose worker chunk outlasts the caller's own by far (a worker preempted while both
+    cores are wanted) is a stall: the next loops run every chunk on the calling thread."""
+    library, pool_for = q4_kernel(), _pool_for()
+    assert library is not None
+    caller = threading.get_native_id()
+    runners: list[int] = []
+
+    def worker_is_slow(begin: int, end: int) -> None:
+        runners.append(threading.get_native_id())
+        if runners[-1] != caller:
+            time.sleep(0.01)  # 10 ms: past the 2 ms the caller tolerates
+        else:
+            time.sleep(0.0005)  # lets go of the GIL: a worker can take a chunk meanwhile
+
+    with _pool_threads(2):
+        stalls = library.work_pool_stalls()
+        for _ in range(500):  # until a worker has taken a chunk (it runs only on an idle core)
+            runners.clear()
+            pool_for(4, 1, worker_is_slow)
+            if set(runners) != {caller}:
+                break
+        assert set(runners) != {caller}, "no worker took a chunk in 500 loops"
+        assert library.work_pool_stalls() == stalls + 1
+        for _ in range(5):  # well inside the 100 ms spell
+            runners.clear()
+            pool_for(4, 1, worker_is_slow)
+            assert runners == [caller]  # one call for all four chunks' items
+
+
 def _scheduling_policies() -> dict[int, int]:
     """This process's threads: thread id -> scheduling policy (field 41 of /proc's stat)."""
     policies = {}
