@@ -21,7 +21,7 @@ from serve_app.engine.batch import BatchCache, cache_kv, growing_cache, left_pad
 from serve_app.engine.grammar import apply_grammar_masks
 from serve_app.engine.llama_decode import LlamaDecodeStep, supports_llama_decode
 from serve_app.engine.prefix_cache import BLOCK_TOKENS, LayerKV, PrefixCache
-from serve_app.engine.q4_native import set_threads, work_pool_stalls
+from serve_app.engine.q4_native import idle_pool_workers, set_threads
 from serve_app.engine.quantized_linear import has_int4_layers
 from serve_app.engine.sampling import Sampled, sample
 from serve_app.engine.sequence import Sequence
@@ -63,7 +63,6 @@ class ModelRunner:
         # (OpenMP), and Ray's OMP_NUM_THREADS=1 leaves other threads seeing one.
         self.governor: ThreadGovernor | None = None
         self._has_governor = False
-        self._stalls = 0  # work_pool.c's, last seen
 
     # ---- prefix cache ------------------------------------------------------------------
 
@@ -170,7 +169,8 @@ class ModelRunner:
         positions = [seq.num_prompt_tokens + seq.num_generated - 1 for seq in rows]
         position_ids = torch.tensor(positions, device=self.device).unsqueeze(1)
         if not self._has_governor:
-            on_pool = self.llama_decode is not None and self.llama_decode.layers_on_work_pool
+            step = self.llama_decode
+            on_pool = step is not None and step.layers_on_work_pool and idle_pool_workers()
             self.governor = _thread_governor(self.model, self.device, on_pool)
             self._has_governor = True
         if self.governor is not None:
@@ -180,15 +180,7 @@ class ModelRunner:
         finally:
             if self.governor is not None:
                 self.governor.end_step()
-        self._log_new_stalls()
         return _sample(logits, rows)
-
-    def _log_new_stalls(self) -> None:
-        """Says when work_pool.c found the cores contended (as the governor says its drops)."""
-        stalls = work_pool_stalls()
-        if stalls != self._stalls:
-            self._stalls = stalls
-            logger.info("cores contended: C kernel loops on one thread for a while (%d)", stalls)
 
     def _decode_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         mask, cache = self.batch.decode_mask(), self.batch.cache
@@ -269,8 +261,8 @@ class ModelRunner:
 
 def _thread_governor(model: Any, device: torch.device, on_work_pool: bool) -> ThreadGovernor | None:
     """One thread while the CPU is contended (thread_governor.py); None on GPU, on one thread,
-    or where decode steps run on work_pool.c (on_work_pool), whose SCHED_IDLE workers give way
-    to other processes by themselves and whose loops never wait for a worker that did."""
+    or where decode steps run on work_pool.c's SCHED_IDLE workers (on_work_pool), which give
+    way to other processes by themselves (its loops never wait for a worker that did)."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads < 2 or on_work_pool:
         return None

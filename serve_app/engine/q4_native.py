@@ -72,7 +72,7 @@ def q4_kernel() -> ctypes.CDLL | None:
     for name in ("q4_matmul", "q8_matmul", "decode_attention", "llama_layer_decode"):
         getattr(library, name).restype = ctypes.c_int  # 0, or -1: out of memory or shapes
     library.work_pool_set_threads.argtypes = [ctypes.c_int]
-    library.work_pool_stalls.restype = ctypes.c_int64
+    library.work_pool_lifts.restype = ctypes.c_int64
     library.work_pool_set_threads(torch.get_num_threads())
     logger.info("int4 layers on q4_kernel.c (%s)", library._name)
     return library
@@ -88,11 +88,11 @@ def set_threads(threads: int) -> None:
             library.work_pool_set_threads(threads)
 
 
-def work_pool_stalls() -> int:
-    """Times work_pool.c found the cores contended and ran its loops alone for a while (0 before
-    the library has loaded)."""
-    library = q4_kernel() if q4_kernel.cache_info().currsize else None
-    return int(library.work_pool_stalls()) if library is not None else 0
+def idle_pool_workers() -> bool:
+    """Whether work_pool.c's workers are SCHED_IDLE in this process (it may lift them back when
+    its caller waits on one): then the decode steps it runs need no thread governor."""
+    library = q4_kernel()
+    return library is not None and library.work_pool_idle_workers() == 1
 
 
 def _cpu_has(*flags: str) -> bool:

@@ -20,6 +20,14 @@
  * 0.97x, c=1 1.06x; sleeping rather than yielding: TTFT p50 0.85x (docs/benchmarks.md,
  * session 26).
  *
+ * One hazard comes with SCHED_IDLE: a worker preempted in the middle of a chunk while every core
+ * is wanted by ordinary threads gets no time at all, and its caller waits (measured: a 1.4 s gap
+ * in a stream with two busy processes beside it). So a caller that has waited LIFT_NS for a
+ * worker lifts that worker to SCHED_OTHER, and the worker goes back to SCHED_IDLE when its chunk
+ * is done. Lifting needs CAP_SYS_NICE (or an RLIMIT_NICE of 20); where the process cannot, its
+ * workers stay ordinary threads, and the thread governor judges the steps as it does OpenMP's
+ * (work_pool_idle_workers says which).
+ *
  * The pool is made on first use in the process that uses it (an engine forked from the zygote
  * makes its own: threads do not survive fork).
  */
@@ -39,13 +47,7 @@
 #define MAX_THREADS 64
 #define SPIN_NS 2000000 /* a worker spins this long for the next loop before it sleeps */
 #define WAIT_SPIN_NS 20000 /* the caller spins this long for claimed chunks, then sleeps */
-/* A caller that waits this much longer for a worker's chunk than its own chunks took finds the
- * cores contended (a worker preempted while both cores are wanted: SCHED_IDLE gets almost no
- * time then); its loops then run alone for SOLO_MIN_NS, doubling while stalls come right back,
- * up to SOLO_MAX_NS. What the thread governor did for OpenMP, bounded the same way. */
-#define STALL_NS 2000000
-#define SOLO_MIN_NS INT64_C(100000000)
-#define SOLO_MAX_NS INT64_C(3200000000)
+#define LIFT_NS 1000000 /* a caller waiting this long for a worker lifts it to SCHED_OTHER */
 
 /* ticket: generation (24 bits) | chunks (20 bits) | next chunk (20 bits) */
 #define CHUNK_BITS 20
@@ -65,13 +67,18 @@ static struct {
     int64_t num_chunks; /* of the current loop */
     _Alignas(64) _Atomic uint32_t finished; /* futex word: bumped when a sleeping caller's loop ends */
     _Atomic int caller_sleeps;
-    int64_t solo_until, solo_ns; /* the caller's: loops run alone until solo_until */
-    _Atomic int64_t stalls; /* times a caller found the cores contended */
+    _Atomic int64_t lifts; /* times a caller lifted the workers to SCHED_OTHER */
     _Atomic int started; /* workers that have set their scheduling policy */
+    pid_t tids[MAX_THREADS]; /* the workers' thread ids (index 0, the caller, unused) */
+    _Atomic int lifted[MAX_THREADS]; /* set by a caller that lifted worker i, cleared by it */
+    int idle_workers; /* 1: workers are SCHED_IDLE (lifting permitted), 0: ordinary, -1: unknown */
+    pid_t probed_in; /* the process idle_workers was found for */
     int workers; /* worker threads made so far */
     pid_t owner; /* the process whose workers these are */
     pthread_mutex_t grow;
 } pool = {.active = 1, .grow = PTHREAD_MUTEX_INITIALIZER};
+
+static const struct sched_param no_priority = {0};
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -103,17 +110,23 @@ static int run_chunks(uint64_t gen) {
     }
 }
 
+/* A worker its caller lifted goes back to SCHED_IDLE (the caller lifts it before it sets the flag). */
+static void settle(int index) {
+    if (atomic_load(&pool.lifted[index]) && atomic_exchange(&pool.lifted[index], 0))
+        sched_setscheduler(0, SCHED_IDLE, &no_priority);
+}
+
 static void *worker(void *arg) {
     const int index = (int)(intptr_t)arg; /* 1.. : the caller is 0 */
-    /* SCHED_IDLE, this thread only (the header says why); best effort */
-    const struct sched_param idle = {0};
-    sched_setscheduler(0, SCHED_IDLE, &idle);
+    pool.tids[index] = (pid_t)syscall(SYS_gettid);
+    if (pool.idle_workers == 1) sched_setscheduler(0, SCHED_IDLE, &no_priority);
     atomic_fetch_add(&pool.started, 1);
     uint64_t seen = generation(atomic_load(&pool.ticket));
     for (;;) {
         int64_t spin_until = now_ns() + SPIN_NS;
         uint64_t gen;
         for (;;) {
+            settle(index);
             gen = generation(atomic_load(&pool.ticket));
             if (gen != seen) break;
             if (now_ns() < spin_until) {
@@ -133,10 +146,46 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+static void *probe_lifting(void *unused) {
+    (void)unused;
+    if (sched_setscheduler(0, SCHED_IDLE, &no_priority) != 0) return (void *)0;
+    return (void *)(intptr_t)(sched_setscheduler(0, SCHED_OTHER, &no_priority) == 0);
+}
+
+/* Whether this process may lift a SCHED_IDLE thread back: tried on a thread that then ends. */
+static int can_lift(void) {
+    pthread_t thread;
+    void *lifted = NULL;
+    if (pthread_create(&thread, NULL, probe_lifting, NULL) != 0) return 0;
+    pthread_join(thread, &lifted);
+    return lifted != NULL;
+}
+
+int work_pool_idle_workers(void) {
+    pthread_mutex_lock(&pool.grow);
+    if (pool.probed_in != getpid()) {
+        pool.idle_workers = can_lift();
+        pool.probed_in = getpid();
+    }
+    const int idle = pool.idle_workers;
+    pthread_mutex_unlock(&pool.grow);
+    return idle;
+}
+
+/* The workers to SCHED_OTHER until their chunks are done: the caller has waited LIFT_NS. */
+static void lift_workers(void) {
+    for (int i = 1; i <= pool.workers; i++) {
+        sched_setscheduler(pool.tids[i], SCHED_OTHER, &no_priority);
+        atomic_store(&pool.lifted[i], 1);
+    }
+    atomic_fetch_add(&pool.lifts, 1);
+}
+
 /* Workers up to `threads` - 1 in this process (a forked child starts with none). */
 static void ensure_workers(int threads) {
     const pid_t me = getpid();
     if (pool.owner == me && pool.workers >= threads - 1) return;
+    work_pool_idle_workers();
     pthread_mutex_lock(&pool.grow);
     if (pool.owner != me) { /* forked: the parent's workers are not here */
         pool.owner = me;
@@ -168,17 +217,7 @@ void work_pool_set_threads(int threads) {
 
 int work_pool_threads(void) { return atomic_load(&pool.active); }
 
-int64_t work_pool_stalls(void) { return atomic_load(&pool.stalls); }
-
-/* The cores are contended: loops run on the caller alone for a while (STALL_NS says why). */
-static void run_alone_for_a_while(int64_t now) {
-    const int again = now - pool.solo_until < SOLO_MIN_NS; /* right after the last spell */
-    pool.solo_ns = again && 2 * pool.solo_ns < SOLO_MAX_NS ? 2 * pool.solo_ns
-                   : again                                  ? SOLO_MAX_NS
-                                                            : SOLO_MIN_NS;
-    pool.solo_until = now + pool.solo_ns;
-    atomic_fetch_add(&pool.stalls, 1);
-}
+int64_t work_pool_lifts(void) { return atomic_load(&pool.lifts); }
 
 void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx) {
     if (items <= 0) return;
@@ -189,7 +228,7 @@ void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx) {
         chunks = (items + chunk - 1) / chunk;
     }
     const int threads = atomic_load(&pool.active);
-    if (threads < 2 || chunks < 2 || now_ns() < pool.solo_until) {
+    if (threads < 2 || chunks < 2) {
         fn(ctx, 0, items);
         return;
     }
@@ -207,25 +246,27 @@ void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx) {
         atomic_fetch_add(&pool.wake, 1);
         syscall(SYS_futex, &pool.wake, FUTEX_WAKE_PRIVATE, MAX_THREADS, NULL, NULL, 0);
     }
-    const int64_t started = now_ns();
-    const int ran = run_chunks(gen);
+    run_chunks(gen);
     /* every chunk is claimed; wait for the ones a worker is still running */
     const int64_t wait_started = now_ns(), sleep_after = wait_started + WAIT_SPIN_NS;
-    const int64_t own_chunk_ns = ran ? (wait_started - started) / ran : 0;
+    int lifted = pool.idle_workers != 1; /* ordinary workers need no lift */
     while (atomic_load(&pool.done) < chunks) {
-        if (now_ns() < sleep_after) {
+        const int64_t now = now_ns();
+        if (now < sleep_after) {
             _mm_pause();
             continue;
+        }
+        if (!lifted && now - wait_started >= LIFT_NS) {
+            lift_workers();
+            lifted = 1;
         }
         /* asleep, this thread leaves its core idle, where a preempted SCHED_IDLE worker can run */
         const uint32_t seen = atomic_load(&pool.finished);
         atomic_store(&pool.caller_sleeps, 1);
         if (atomic_load(&pool.done) < chunks) {
-            const struct timespec timeout = {0, 1000000}; /* a safety net only */
+            const struct timespec timeout = {0, 200000}; /* a safety net, and the lift's clock */
             syscall(SYS_futex, &pool.finished, FUTEX_WAIT_PRIVATE, seen, &timeout, NULL, 0);
         }
         atomic_store(&pool.caller_sleeps, 0);
     }
-    const int64_t now = now_ns();
-    if (now - wait_started > STALL_NS + 2 * own_chunk_ns) run_alone_for_a_while(now);
 }

@@ -15,8 +15,11 @@ void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx);
 void work_pool_set_threads(int threads);
 int work_pool_threads(void);
 
-/* Times a loop found the cores contended and ran alone for a while since (work_pool.c). */
-int64_t work_pool_stalls(void);
+/* 1 where the workers are SCHED_IDLE (this process may lift them back), else 0 (work_pool.c). */
+int work_pool_idle_workers(void);
+
+/* Times a caller lifted its workers to SCHED_OTHER to finish a chunk (work_pool.c). */
+int64_t work_pool_lifts(void);
 
 /* A chunk size giving each thread about `per_thread` chunks of `items`. */
 static inline int64_t work_pool_chunk(int64_t items, int per_thread) {
