@@ -71,7 +71,7 @@ static struct {
     _Atomic int started; /* workers that have set their scheduling policy */
     pid_t tids[MAX_THREADS]; /* the workers' thread ids (index 0, the caller, unused) */
     _Atomic int lifted[MAX_THREADS]; /* set by a caller that lifted worker i, cleared by it */
-    int idle_workers; /* 1: workers are SCHED_IDLE (lifting permitted), 0: ordinary, -1: unknown */
+    int idle_workers; /* 1: workers are SCHED_IDLE (this process may lift them), 0: ordinary */
     pid_t probed_in; /* the process idle_workers was found for */
     int workers; /* worker threads made so far */
     pid_t owner; /* the process whose workers these are */
@@ -88,13 +88,12 @@ static int64_t now_ns(void) {
 
 static uint64_t generation(uint64_t ticket) { return ticket >> (2 * CHUNK_BITS); }
 
-/* Claims and runs chunks of the current loop until none are left; returns how many it ran. */
-static int run_chunks(uint64_t gen) {
-    int ran = 0;
+/* Claims and runs chunks of the current loop until none are left. */
+static void run_chunks(uint64_t gen) {
     uint64_t t = atomic_load(&pool.ticket);
     for (;;) {
         const uint64_t chunks = (t >> CHUNK_BITS) & CHUNK_MASK, next = t & CHUNK_MASK;
-        if (generation(t) != gen || next >= chunks) return ran;
+        if (generation(t) != gen || next >= chunks) return;
         if (!atomic_compare_exchange_weak(&pool.ticket, &t, t + 1)) continue;
         /* the claim is ours: the loop's fields stay as they are until every chunk is done */
         const int64_t begin = (int64_t)next * pool.chunk;
@@ -105,7 +104,6 @@ static int run_chunks(uint64_t gen) {
             atomic_fetch_add(&pool.finished, 1);
             syscall(SYS_futex, &pool.finished, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
         }
-        ran++;
         t = atomic_load(&pool.ticket);
     }
 }
