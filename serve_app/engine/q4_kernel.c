@@ -333,7 +333,6 @@ int q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *qs, const 
     return 0;
 }
 
-/* The weight as float32 [n, k] (exactness checks and big prefill forwards). */
 typedef struct {
     const uint8_t *qs;
     const float *d, *m;
@@ -341,6 +340,7 @@ typedef struct {
     float *w;
 } q4_unpack;
 
+/* Output rows [begin, end) of q4_dequantize. */
 static void q4_dequantize_rows(void *arg, int64_t begin, int64_t end) {
     const q4_unpack *p = arg;
     const int64_t k = p->k, nb = k / QK;
@@ -357,6 +357,7 @@ static void q4_dequantize_rows(void *arg, int64_t begin, int64_t end) {
     }
 }
 
+/* The weight as float32 [n, k] (exactness checks and big prefill forwards). */
 void q4_dequantize(const uint8_t *qs, const float *d, const float *m, int64_t n, int64_t k,
                    float *w) {
     q4_unpack job = {qs, d, m, k, w};

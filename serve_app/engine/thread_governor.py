@@ -16,8 +16,9 @@ not a step); the wait doubles while contention lasts. A median, not one layer: a
 layer (a timer tick, a short preemption) is no reason to halve the team for a second.
 
 Decode steps whose every layer is one decode_kernel.c call (Llama models on q4_kernel.c weights)
-are not governed: their loops run on work_pool.c, whose SCHED_IDLE workers give way to other
-processes and whose loops never wait for a worker that has not started (model_runner.py).
+are not governed where work_pool.c's workers are SCHED_IDLE (the process may lift them back:
+q4_native.idle_pool_workers): they give way to other processes by themselves, and its loops
+never wait for a worker that has not started (model_runner.py).
 
 A retry is judged against the one-thread layers just before it, not against the quiet time: all
 threads stay when they beat one thread by RETRY_GAIN, and their time becomes the quiet one. The
