@@ -62,6 +62,7 @@ static struct {
     void *ctx;
     int64_t items, chunk;
     _Atomic int active; /* threads taking part, the caller included */
+    _Atomic int busy; /* a caller's loop is running */
     _Atomic int sleepers;
     _Atomic uint32_t wake; /* futex word: bumped when a loop is published to sleepers */
     int64_t num_chunks; /* of the current loop */
@@ -226,12 +227,13 @@ void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx) {
         chunks = (items + chunk - 1) / chunk;
     }
     const int threads = atomic_load(&pool.active);
-    if (threads < 2 || chunks < 2) {
+    /* One loop at a time (an engine has one inference thread); a second thread calling in the
+     * meantime (two engines in one process) runs its loop alone. */
+    if (threads < 2 || chunks < 2 || atomic_exchange(&pool.busy, 1)) {
         fn(ctx, 0, items);
         return;
     }
     ensure_workers(threads);
-    /* Only one loop runs at a time: the engine's one inference thread calls the kernels. */
     pool.fn = fn;
     pool.ctx = ctx;
     pool.items = items;
@@ -267,4 +269,5 @@ void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx) {
         }
         atomic_store(&pool.caller_sleeps, 0);
     }
+    atomic_store(&pool.busy, 0);
 }

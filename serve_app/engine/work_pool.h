@@ -8,7 +8,8 @@
 typedef void (*pool_fn)(void *ctx, int64_t begin, int64_t end);
 
 /* fn over items [0, items) in chunks of `chunk` items, on the calling thread and the pool's
- * workers; returns when every item is done. One loop at a time (one calling thread). */
+ * workers; returns when every item is done. A thread calling while another's loop runs runs
+ * its own loop alone. */
 void work_pool_for(int64_t items, int64_t chunk, pool_fn fn, void *ctx);
 
 /* Threads taking part in each loop, the calling thread included (1: it runs them alone). */

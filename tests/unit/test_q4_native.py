@@ -155,6 +155,32 @@ def test_the_work_pool_runs_every_item_once(threads: int) -> None:
 
 
 @pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+def test_loops_from_two_threads_at_once_each_run_every_item_once() -> None:
+    """Two engines in one process call the kernels from two inference threads: a loop started
+    while another runs goes alone, and neither loses or repeats an item."""
+    pool_for, lock = _pool_for(), threading.Lock()
+    counts = {name: [0] * 40 for name in ("a", "b")}
+
+    def loops(name: str) -> None:
+        def run(begin: int, end: int) -> None:
+            time.sleep(0.0002)  # lets go of the GIL: the two callers' loops overlap
+            with lock:
+                for item in range(begin, end):
+                    counts[name][item] += 1
+
+        for _ in range(30):
+            pool_for(40, 3, run)
+
+    with _pool_threads(2):
+        threads = [threading.Thread(target=loops, args=(name,)) for name in counts]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert counts == {"a": [30] * 40, "b": [30] * 40}
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
 def test_a_loop_returns_only_after_the_workers_chunks_end() -> None:
     """Chunks that outlast the caller's spin (it then sleeps until a worker's last chunk wakes
     it): the loop returns with every chunk run and none still running, loop after loop."""
