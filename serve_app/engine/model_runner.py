@@ -169,9 +169,7 @@ class ModelRunner:
         positions = [seq.num_prompt_tokens + seq.num_generated - 1 for seq in rows]
         position_ids = torch.tensor(positions, device=self.device).unsqueeze(1)
         if not self._has_governor:
-            step = self.llama_decode
-            on_pool = step is not None and step.layers_on_work_pool and idle_pool_workers()
-            self.governor = _thread_governor(self.model, self.device, on_pool)
+            self.governor = _thread_governor(self.model, self.device, self.llama_decode)
             self._has_governor = True
         if self.governor is not None:
             self.governor.start_step(len(rows))
@@ -259,12 +257,16 @@ class ModelRunner:
         return ids.to(self.device), mask.to(self.device)
 
 
-def _thread_governor(model: Any, device: torch.device, on_work_pool: bool) -> ThreadGovernor | None:
+def _thread_governor(
+    model: Any, device: torch.device, llama_decode: LlamaDecodeStep | None
+) -> ThreadGovernor | None:
     """One thread while the CPU is contended (thread_governor.py); None on GPU, on one thread,
-    or where decode steps run on work_pool.c's SCHED_IDLE workers (on_work_pool), which give
-    way to other processes by themselves (its loops never wait for a worker that did)."""
+    or where every decode step runs on work_pool.c's SCHED_IDLE workers, which give way to
+    other processes by themselves (its loops never wait for a worker that did)."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < 2 or on_work_pool:
+    if device.type != "cpu" or threads < 2:
+        return None
+    if llama_decode is not None and llama_decode.layers_on_work_pool and idle_pool_workers():
         return None
     governor = ThreadGovernor(threads, set_threads)
     return governor if govern_decoder_layers(model, governor) else None

@@ -451,8 +451,7 @@ def test_only_decode_steps_wholly_on_the_work_pool_go_ungoverned(
 
     def governed(model: Any) -> bool:
         step = ModelRunner(model).llama_decode
-        on_pool = step is not None and step.layers_on_work_pool
-        return _thread_governor(model, torch.device("cpu"), on_pool) is not None
+        return _thread_governor(model, torch.device("cpu"), step) is not None
 
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
