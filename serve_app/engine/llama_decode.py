@@ -38,7 +38,7 @@ from serve_app.engine.decode_native import (
     rms_norm,
     silu_mul,
 )
-from serve_app.engine.q4_native import q4_kernel
+from serve_app.engine.q4_native import q4_kernel, torch_threads_of_pool
 from serve_app.engine.quantized_linear import Int4Linear, fuse_int4
 
 OnLayer = Callable[[], None]
@@ -221,12 +221,13 @@ class _Layer:
         ):
             self.native(hidden, cos, signed_sin, cache)
             return
-        weight, eps = self.input_norm
-        qkv = self._joined(self.qkv, rms_norm(hidden, weight, eps))
-        attended = decode_attention(qkv, self.attention_shape, cos, signed_sin, cache)
-        weight, eps = self.post_norm
-        normed = add_rms_norm(hidden, _project(self.o_proj, attended), weight, eps)
-        hidden += _project(self.down_proj, silu_mul(self._joined(self.gate_up, normed)))
+        with torch_threads_of_pool():  # the matmuls are torch's here
+            weight, eps = self.input_norm
+            qkv = self._joined(self.qkv, rms_norm(hidden, weight, eps))
+            attended = decode_attention(qkv, self.attention_shape, cos, signed_sin, cache)
+            weight, eps = self.post_norm
+            normed = add_rms_norm(hidden, _project(self.o_proj, attended), weight, eps)
+            hidden += _project(self.down_proj, silu_mul(self._joined(self.gate_up, normed)))
 
     @staticmethod
     def _joined(linears: Any, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,12 @@ from serve_app.engine.batch import BatchCache, cache_kv, growing_cache, left_pad
 from serve_app.engine.grammar import apply_grammar_masks
 from serve_app.engine.llama_decode import LlamaDecodeStep, supports_llama_decode
 from serve_app.engine.prefix_cache import BLOCK_TOKENS, LayerKV, PrefixCache
-from serve_app.engine.q4_native import idle_pool_workers, set_threads
+from serve_app.engine.q4_native import (
+    idle_pool_workers,
+    keep_torch_on_one_thread,
+    set_threads,
+    torch_threads_of_pool,
+)
 from serve_app.engine.quantized_linear import has_int4_layers
 from serve_app.engine.sampling import Sampled, sample
 from serve_app.engine.sequence import Sequence
@@ -170,6 +175,8 @@ class ModelRunner:
         position_ids = torch.tensor(positions, device=self.device).unsqueeze(1)
         if not self._has_governor:
             self.governor = _thread_governor(self.model, self.device, self.llama_decode)
+            if self.device.type == "cpu" and _steps_on_idle_workers(self.llama_decode):
+                keep_torch_on_one_thread()
             self._has_governor = True
         if self.governor is not None:
             self.governor.start_step(len(rows))
@@ -195,15 +202,17 @@ class ModelRunner:
         position_ids: torch.Tensor,
         cache: DynamicCache,
     ) -> torch.Tensor:
-        """The model's own forward after `cache` (which it extends): the last token's logits."""
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        """The model's own forward after `cache` (which it extends): the last token's logits.
+        Its attention is torch's: on every thread the pool has."""
+        with torch_threads_of_pool():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1, :]
 
     # ---- batch rows --------------------------------------------------------------------
@@ -266,10 +275,15 @@ def _thread_governor(
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads < 2:
         return None
-    if llama_decode is not None and llama_decode.layers_on_work_pool and idle_pool_workers():
+    if _steps_on_idle_workers(llama_decode):
         return None
     governor = ThreadGovernor(threads, set_threads)
     return governor if govern_decoder_layers(model, governor) else None
+
+
+def _steps_on_idle_workers(llama_decode: LlamaDecodeStep | None) -> bool:
+    """Whether every decode step runs on work_pool.c's SCHED_IDLE workers (all of it C calls)."""
+    return llama_decode is not None and llama_decode.layers_on_work_pool and idle_pool_workers()
 
 
 def _sample(logits: torch.Tensor, rows: list[Sequence]) -> Sampled:

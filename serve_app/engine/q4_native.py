@@ -27,6 +27,8 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,6 +88,33 @@ def set_threads(threads: int) -> None:
         library = q4_kernel()
         if library is not None:
             library.work_pool_set_threads(threads)
+
+
+def keep_torch_on_one_thread() -> None:
+    """torch's intra-op threads to one, the pool's left as they are: for steps wholly on the
+    pool's SCHED_IDLE workers, whose only torch ops are small (the embedding, argmax, sampling).
+    With more, torch's OpenMP worker spin-waits after each of them as an ordinary thread, on the
+    core the pool's worker would run on (offline SmolLM2 at c=16: 11% of the process's samples
+    in libgomp's spin; docs/benchmarks.md, session 27). Call it on the thread that runs them
+    (OpenMP's thread count is per thread)."""
+    torch.set_num_threads(1)
+
+
+@contextmanager
+def torch_threads_of_pool() -> Iterator[None]:
+    """torch's intra-op threads raised to the pool's count for a while: a big prefill's
+    matmuls on torch's sgemm, where keep_torch_on_one_thread left torch on one."""
+    library = q4_kernel() if q4_kernel.cache_info().currsize else None
+    previous = torch.get_num_threads()
+    pool = library.work_pool_threads() if library is not None else previous
+    if pool <= previous:
+        yield
+        return
+    torch.set_num_threads(pool)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def idle_pool_workers() -> bool:

@@ -4,6 +4,7 @@ Q5_0, Q8_0 tensors) loaded natively gives the logits of transformers' dequantize
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -614,6 +615,52 @@ def test_the_runner_prefills_through_the_c_layers_with_and_without_a_cached_pref
             logits = native(input_ids=torch.tensor([prompt])).logits[0, -1]
         assert tokens[-1] == int(logits.argmax())
     assert prefills == [20, 5]  # the second prompt's first 16 tokens came from the cache
+
+
+def test_decoding_on_the_idle_pool_leaves_torch_one_thread(tiny_gguf: Path, tmp_path: Path) -> None:
+    """Where every decode step is C on work_pool.c's SCHED_IDLE workers, the decoding thread's
+    torch runs its small ops on one thread (its OpenMP worker would spin-wait beside the pool's
+    worker); a model whose steps are torch's keeps its threads. Each in a thread of its own,
+    as an engine's inference thread (OpenMP's count is per thread)."""
+    from serve_app.engine.model_runner import ModelRunner
+    from serve_app.engine.sampling import SamplerState
+    from serve_app.engine.sequence import Sequence
+    from serve_app.engine.types import SamplingParams
+
+    def threads_after_a_decode(model: Any) -> int:
+        seen: list[int] = []
+
+        def decode() -> None:
+            q4_native.set_threads(2)
+            runner = ModelRunner(model)
+            seq = Sequence(
+                request_id="a",
+                prompt_ids=list(range(1, 9)),
+                max_tokens=4,
+                sampler=SamplerState(SamplingParams(temperature=0.0), VOCAB, torch.device("cpu")),
+                detokenizer=Any,  # type: ignore[arg-type]  # neither step detokenizes
+                stop_matcher=Any,  # type: ignore[arg-type]
+                sink=lambda _: None,
+            )
+            seq.last_token, seq.num_generated = runner.prefill([seq]).token_ids[0], 1
+            runner.decode([seq])
+            seen.append(torch.get_num_threads())
+
+        thread = threading.Thread(target=decode)
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    previous = torch.get_num_threads()
+    try:
+        all_q4 = tmp_path / "q4_1.gguf"
+        write_tiny_gguf(all_q4, linear_types=dict.fromkeys(LINEAR_TYPES, T.Q4_1))
+        native, _ = load_native_model(native_folder(all_q4, tmp_path / "n"), AutoModelForCausalLM)
+        assert threads_after_a_decode(native) == (1 if q4_native.idle_pool_workers() else 2)
+        mixed, _ = load_native_model(native_folder(tiny_gguf, tmp_path / "m"), AutoModelForCausalLM)
+        assert threads_after_a_decode(mixed) == 2  # its Q8_0 and Q5_0 layers are torch's bf16
+    finally:
+        q4_native.set_threads(previous)
 
 
 @pytest.fixture()

@@ -268,6 +268,40 @@ def test_the_pool_workers_are_sched_idle_where_they_can_be_lifted() -> None:
 
 
 @pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
+def test_torch_threads_rise_to_the_pools_count_only_inside_torch_threads_of_pool() -> None:
+    """Steps on the pool keep torch on one thread; a forward of torch's matmuls or attention
+    gets the pool's thread count for its duration, then torch is back on one. Torch at the
+    pool's count or more is left as it is. In a thread of its own: OpenMP's count is per thread."""
+    library = q4_kernel()
+    assert library is not None
+    seen: dict[str, int] = {}
+
+    def on_one_thread() -> None:
+        q4_native.keep_torch_on_one_thread()
+        seen["before"] = torch.get_num_threads()
+        seen["pool"] = library.work_pool_threads()  # the pool's own count is never touched
+        with q4_native.torch_threads_of_pool():
+            seen["inside"] = torch.get_num_threads()
+        seen["after"] = torch.get_num_threads()
+        q4_native.set_threads(4)
+        library.work_pool_set_threads(2)
+        with q4_native.torch_threads_of_pool():
+            seen["inside, torch above the pool"] = torch.get_num_threads()
+
+    with _pool_threads(2):
+        thread = threading.Thread(target=on_one_thread)
+        thread.start()
+        thread.join()
+    assert seen == {
+        "before": 1,
+        "pool": 2,
+        "inside": 2,
+        "after": 1,
+        "inside, torch above the pool": 4,
+    }
+
+
+@pytest.mark.skipif(q4_kernel() is None, reason="q4_kernel.c does not build or run here")
 @pytest.mark.parametrize("shape", [(1, 576), (3, 70), (16, 64)])
 def test_rms_norm_gives_torchs_rms_norm(shape: tuple[int, int]) -> None:
     generator = torch.Generator().manual_seed(shape[1])
