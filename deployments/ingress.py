@@ -148,7 +148,9 @@ class Ingress:
         )
         self.started_at = int(time.time())
         self.readiness = ModelReadiness(lambda model_id: self.calls.call_info(model_id))
-        self.models = ModelManager(self.readiness, self._wake, self.config.ingress.config_file)
+        self.models = ModelManager(
+            self.readiness, self._wake, self.config.ingress.config_file, self._model_ids
+        )
         self.api_keys = load_access_keys(  # read by BearerAuth
             self.config.ingress.api_keys, self.config.ingress.admin_api_keys
         )
@@ -294,7 +296,7 @@ class Ingress:
     async def add_model(
         self, body: ModelConfig, timeout_s: float = ADMIN_TIMEOUT_S
     ) -> dict[str, Any]:
-        """A new model application and its route (the ingress restarts with the new table)."""
+        """A new model application and its route (the running ingress takes the new table)."""
         if self.config.model(body.id) is not None:
             message = f"Model '{body.id}' already exists."
             raise ConflictError(message, param="id", code="model_exists")

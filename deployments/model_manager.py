@@ -1,8 +1,8 @@
 """The model-management routes' logic: list, add, remove, load and unload models of the running
 service. Every change is one edit of the config Serve runs (serve_app/live_config.py), applied
 through Serve's declarative API (deployments/model_admin.py), so only the changed application
-restarts: the ingress too when the routing table changes (add, remove), while its old replica
-finishes the streams it holds."""
+restarts. A new routing table (add, remove) reaches the running ingress in place, as its
+deployment's user_config (`Ingress.reconfigure`; serve_app/live_config.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 Edit = Callable[[dict[str, Any]], dict[str, Any]]
 POLL_S = 0.5
+ROUTE_POLL_S = 0.05  # the ingress's own table: no controller call to read it
 SOURCE_CHECK_TIMEOUT_S = 30.0
 
 
@@ -34,10 +35,12 @@ class ModelManager:
         readiness: ModelReadiness,
         wake: Callable[[str], Any],
         config_file: str | None,
+        routed: Callable[[], list[str]],
     ) -> None:
         self.readiness = readiness
         self.wake = wake  # model id -> an awaitable call that a replica must answer
         self.config_file = config_file
+        self.routed = routed  # the model ids this ingress routes now (its table)
         self._lock = asyncio.Lock()  # one change at a time: each edits the config the last made
 
     async def describe(self, model_ids: list[str]) -> list[dict[str, Any]]:
@@ -48,14 +51,18 @@ class ModelManager:
 
     async def add(self, model: ModelConfig, timeout_s: float) -> dict[str, Any]:
         await check_source(model)
+        deadline = time.monotonic() + timeout_s
         await self._change(lambda config: live_config.add_model(config, model))
         status = await self._wait_for(model.id, {"ready", "idle", "failed"}, timeout_s)
+        await self._wait_for_route(model.id, True, deadline)
         return {"id": model.id, "kind": model.kind, "status": status}
 
     async def remove(self, model_id: str, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
         await self._change(lambda config: live_config.remove_model(config, model_id))
         is_gone = await self._wait_until_gone(model_id, timeout_s)
-        return {"id": model_id, "status": "removed" if is_gone else "removing"}
+        is_unrouted = await self._wait_for_route(model_id, False, deadline)
+        return {"id": model_id, "status": "removed" if is_gone and is_unrouted else "removing"}
 
     async def load(self, model_id: str, timeout_s: float) -> dict[str, Any]:
         """The model's own options again (if it was unloaded), and a replica up: answers once one
@@ -107,6 +114,17 @@ class ModelManager:
                 return True
             await asyncio.sleep(POLL_S)
         return False
+
+    async def _wait_for_route(self, model_id: str, is_routed: bool, deadline: float) -> bool:
+        """Until this ingress's table has (or no longer has) the model: Serve hands the new
+        table over (`Ingress.reconfigure`) a moment after the change, and a model's application
+        can be up or gone before that. Answering first, a re-add right after a remove met the
+        old table's 409, and a request right after an add its 404."""
+        while (model_id in self.routed()) != is_routed:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(ROUTE_POLL_S)
+        return True
 
     def _entry(self, config: dict[str, Any], model_id: str, status: str) -> dict[str, Any]:
         try:
