@@ -117,9 +117,9 @@ class ModelManager:
 
     async def _wait_for_route(self, model_id: str, is_routed: bool, deadline: float) -> bool:
         """Until this ingress's table has (or no longer has) the model: Serve hands the new
-        table over (`Ingress.reconfigure`) a moment after the change, and a model's application
-        can be up or gone before that. Answering first, a re-add right after a remove met the
-        old table's 409, and a request right after an add its 404."""
+        table over (`Ingress.reconfigure`) after applying the change, and a model's application
+        can be up or gone before that; answering first would let a request right after an add
+        meet the old table's 404 (or a re-add after a remove its 409)."""
         while (model_id in self.routed()) != is_routed:
             if time.monotonic() >= deadline:
                 return False
