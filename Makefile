@@ -3,7 +3,7 @@
 
 run:
 	scripts/setup.sh
-	.venv/bin/serve run config/serve.yaml
+	.venv/bin/serve-app run --config config/serve.yaml
 
 test:
 	scripts/setup.sh --test

@@ -46,7 +46,7 @@ def one_run(tree: Path, out: Path, label: str) -> dict[str, Any]:
                 timeout=600,
             )
         pulled = time.perf_counter()
-        command = [str(targets.VENV_BIN / "serve"), "run", str(config_path)]
+        command = targets.serve_app_run(config_path)
         log_path = out / f"{label}-run.log"
         with targets.running(label, command, port, "", log_path, 600, env, cwd=tree) as server:
             start_s = server.ready_s

@@ -45,7 +45,7 @@ def served(tree: Path, out: Path) -> Iterator[targets.Server]:
     env = {**targets.child_env(), "PYTHONPATH": str(tree)}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [str(targets.VENV_BIN / "serve"), "run", str(config_path)],
+            targets.serve_app_run(config_path),
             cwd=tree,
             env=env,
             stdout=log,

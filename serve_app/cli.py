@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pull":
         return pull_models(args.config)
     if args.command == "run":
-        os.execvp("serve", ["serve", "run", args.config])
+        from serve_app.haproxy_front import serve_run_env
+
+        serve = str(Path(sys.executable).parent / "serve")
+        os.execve(serve, [serve, "run", args.config], serve_run_env())
     if args.command == "deploy":
         os.execvp("serve", ["serve", "deploy", "--address", args.address, args.config])
     if args.command == "status":
@@ -50,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     pull = commands.add_parser("pull", help="resolve and convert every model in the config")
     pull.add_argument("--config", default=DEFAULT_CONFIG)
-    run = commands.add_parser("run", help="serve the config locally (serve run)")
+    run = commands.add_parser("run", help="serve the config locally (serve run, HAProxy in front)")
     run.add_argument("--config", default=DEFAULT_CONFIG)
     deploy = commands.add_parser("deploy", help="deploy the config to a running Ray cluster")
     deploy.add_argument("--config", default=DEFAULT_CONFIG)

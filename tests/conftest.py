@@ -68,10 +68,10 @@ def running_service(
     config_path = write_test_config(port, workdir / f"{name}.yaml", config)
     OUTPUT_DIR.mkdir(exist_ok=True)
     log_path = OUTPUT_DIR / f"{name}.log"
-    serve_bin = Path(sys.executable).parent / "serve"
+    launcher = Path(sys.executable).parent / "serve-app"  # serve run, HAProxy in front
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [str(serve_bin), "run", str(config_path)],
+            [str(launcher), "run", "--config", str(config_path)],
             cwd=REPO_ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -91,7 +91,12 @@ def serve_app_command(
     config_path = out_dir / f"{name}.yaml"
     config = derive_serve_config(port, model_ids, engine, replica_env, smollm2_replicas)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return [str(VENV_BIN / "serve"), "run", str(config_path)], port
+    return serve_app_run(config_path), port
+
+
+def serve_app_run(config_path: Path) -> list[str]:
+    """`serve run` of the config as `make run` starts it (HAProxy in front)."""
+    return [str(VENV_BIN / "serve-app"), "run", "--config", str(config_path)]
 
 
 def transformers_serve_command(model_dir: Path, threads: int) -> tuple[list[str], int]:

@@ -453,7 +453,8 @@ def test_unicode_or_huge_model_names_are_404(service_url: str, model: str) -> No
 
 
 def test_model_name_past_the_url_limit_is_refused_by_the_http_server(service_url: str) -> None:
-    # uvicorn (httptools) in Ray's proxy refuses a request line over 64 KiB itself: plain text.
+    # uvicorn (httptools), in the ingress replica behind HAProxy (or in Serve's proxy without
+    # it), refuses a request line over 64 KiB itself: plain text.
     status, headers, _ = raw_request(service_url, b"GET /v1/models/" + b"x" * 70_000)
     assert status == 400 and headers.get("content-type", "").startswith("text/plain")
 
@@ -516,7 +517,7 @@ def test_hostile_headers_never_5xx_nor_hang(service_url: str, headers: bytes) ->
 
 
 def test_oversized_headers_are_refused_with_431(service_url: str) -> None:
-    # Ray Serve's proxy forwards headers of any size; the ingress's middleware refuses them.
+    # HAProxy (128 KiB buffer) and Serve's proxy both forward these; the ingress refuses them.
     body = json.dumps(VALID[EMBEDDINGS_PATH]).encode()
     big = b"X-Big: " + b"a" * 65_536 + b"\r\n"
     status, _, reply = raw_request(service_url, b"POST /v1/embeddings", big, body)
@@ -541,4 +542,4 @@ def test_malformed_http_is_refused_by_the_http_server(
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(request_bytes)
         reply = sock.recv(4096)
-    assert reply.startswith(b"HTTP/1.1 400 ")  # uvicorn's own plain-text 400, before our app
+    assert reply.startswith(b"HTTP/1.1 400 ")  # the front's own 400 (HAProxy), before our app

@@ -1,6 +1,6 @@
 """A service of SmolLM2 alone with tiny limits (2 running, 2 queued) and an API key: /health and
 /v1/models answer at once while the replica is saturated, auth answers before the body is read,
-and unknown paths are 404 through Ray Serve's real proxy."""
+and unknown paths are 404 through the real front (HAProxy, as `make run` has it)."""
 
 from __future__ import annotations
 
