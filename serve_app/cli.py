@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         from serve_app.haproxy_front import serve_run_env
 
         serve = str(Path(sys.executable).parent / "serve")
-        os.execve(serve, [serve, "run", args.config], serve_run_env())
+        env = serve_run_env(config_path=Path(args.config))
+        os.execve(serve, [serve, "run", args.config], env)
     if args.command == "deploy":
         os.execvp("serve", ["serve", "deploy", "--address", args.address, args.config])
     if args.command == "status":

@@ -9,7 +9,10 @@ in C, forwards http_options' host and port to the ingress replicas. Measured (se
 rounds, docs/benchmarks.md "Session 28"): +10% tok/s at c=16, +9% at c=1, TTFT p50 -15%.
 
 `SERVE_APP_HAPROXY=0` keeps Serve's own proxy. A plain `serve run config/serve.yaml` (without
-this environment) also keeps it: the mode is read by Serve's controller when Ray starts.
+this environment) also keeps it: the mode is read by Serve's controller when Ray starts. So does
+a config that names a custom request router (`request_router_class`, e.g. the prefix-affinity
+router): Serve refuses one on an application's ingress deployment in HAProxy mode, and each
+model is an application whose ingress is the model's deployment.
 
 This module also is the HAProxy binary Serve starts (`serve-app-haproxy`): it ties HAProxy to
 the Ray worker that spawned it and then becomes the real binary, so a killed Ray leaves no
@@ -24,6 +27,9 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from serve_app.ports import free_ports
 
@@ -38,14 +44,24 @@ OLD_PROCESS_GRACE_S = 660
 _PR_SET_PDEATHSIG = 1
 
 
-def serve_run_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for `serve run` with HAProxy in front (unless SERVE_APP_HAPROXY=0).
+def serve_run_env(
+    base: Mapping[str, str] | None = None, config_path: Path | None = None
+) -> dict[str, str]:
+    """The environment for `serve run` of `config_path` with HAProxy in front (unless
+    SERVE_APP_HAPROXY=0, or the config names a custom request router).
 
     HAProxy's side ports (stats, metrics) and Serve's fallback proxy get free ports, so that
     several services can run on one machine; values already in `base` are kept.
     """
     env = dict(os.environ if base is None else base)
     if env.get(SWITCH, "1") == "0":
+        return env
+    if config_path is not None and names_a_request_router(yaml.safe_load(config_path.read_text())):
+        print(
+            f"{config_path} names a request_router_class, which Ray Serve refuses with HAProxy "
+            "in front: serving through Serve's own proxy",
+            file=sys.stderr,
+        )
         return env
     stats, metrics = free_ports(2, host="0.0.0.0")  # HAProxy binds these on all interfaces
     fallback_http, fallback_grpc = free_ports(2)
@@ -60,6 +76,16 @@ def serve_run_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
     }
     return {**defaults, **env}
+
+
+def names_a_request_router(config: Any) -> bool:
+    if isinstance(config, dict):
+        return "request_router_class" in config or any(
+            names_a_request_router(value) for value in config.values()
+        )
+    if isinstance(config, list):
+        return any(names_a_request_router(item) for item in config)
+    return False
 
 
 def haproxy_binary() -> str:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from serve_app import haproxy_front
 from serve_app.ports import free_port
@@ -108,3 +109,34 @@ def test_haproxy_started_through_the_launcher_ends_with_its_parent(tmp_path: Pat
         parent.kill()
         if haproxy_pid and not _gone(haproxy_pid, 0):
             os.kill(haproxy_pid, signal.SIGKILL)
+
+
+def test_a_config_naming_a_request_router_keeps_serves_proxy(tmp_path: Path) -> None:
+    # Ray Serve refuses a custom router on an application's ingress deployment with HAProxy in
+    # front, and each model is an application whose ingress is the model's deployment.
+    config = {
+        "applications": [
+            {"name": "serve-app", "args": {"ingress": {}}},
+            {
+                "name": "smollm2-135m-instruct",
+                "args": {
+                    "model": {
+                        "deployment": {
+                            "request_router_config": {
+                                "request_router_class": "deployments.prefix_router:X"
+                            }
+                        }
+                    }
+                },
+            },
+        ]
+    }
+    routed = tmp_path / "routed.yaml"
+    routed.write_text(yaml.safe_dump(config))
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in haproxy_front.serve_run_env({}, routed)
+    del config["applications"][1]["args"]["model"]["deployment"]["request_router_config"]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(config))
+    assert haproxy_front.serve_run_env({}, plain)["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    shipped = Path(__file__).resolve().parents[2] / "config" / "serve.yaml"
+    assert haproxy_front.serve_run_env({}, shipped)["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
