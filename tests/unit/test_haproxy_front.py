@@ -35,6 +35,8 @@ def test_the_run_environment_turns_haproxy_on_with_free_side_ports() -> None:
     assert len(set(ports)) == len(ports) and all(port > 0 for port in ports)
     assert int(env["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"]) > 64 * 1024  # 64 KiB headers get our 431
     assert int(env["RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S"]) > 600  # past request_timeout_s
+    # replicas do not linger 30 s after they stop (HAProxy retries a refused connection)
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
 
 
 def test_the_operators_values_win_and_the_switch_turns_it_off() -> None:
