@@ -1,8 +1,9 @@
 """Empty model cache to a serving service, per source tree, interleaved (A B, A B, ...): with
 HOME at an empty folder (packages installed, nothing under ~/.cache/serve-app: no prepared
-models, no built kernel), `serve-app pull --config config/serve.yaml`, then `serve run
-config/serve.yaml` (the whole config) until GET /health answers 200. Issue 12's target: pull +
-start <= 45 s. Prints and writes each run's pull and start seconds and the medians per tree.
+models, no built kernel), `serve-app pull --config config/serve.yaml`, then `serve-app run`
+of it (the whole config, started as `make run` starts it) until GET /health answers 200.
+Issue 12's target: pull + start <= 45 s. Prints and writes each run's pull and start seconds
+and the medians per tree.
 
     .venv/bin/python benchmarks/empty_cache_start.py --trees /tmp/before . --rounds 3
 """
