@@ -197,3 +197,32 @@ def test_no_zygote_raises_and_the_client_spawns_instead(
         assert client.pid is not None and parent_of(client.pid) == os.getpid()
     finally:
         client.shutdown()
+
+
+_FORK_PROBE = r"""
+import gc, json, os
+from serve_app.engine import zygote
+gc.disable()  # as zygote.serve runs
+before_fork = [object()]  # a container the collector tracks
+pid = zygote._fork()
+if pid == 0:
+    tracked = any(o is before_fork for o in gc.get_objects())
+    print(json.dumps({"gc_enabled": gc.isenabled(), "visits_preforked": tracked}), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_forked_child_collects_garbage_but_never_visits_the_zygotes_objects() -> None:
+    """A collection in the child writes into every object it visits, which would copy the
+    zygote's pages into each engine (docs/benchmarks.md, session 29: ~78 MB of SmolLM2's)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", _FORK_PROBE],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    child = json.loads(probe.stdout)
+    assert child == {"gc_enabled": True, "visits_preforked": False}
