@@ -18,7 +18,9 @@ fp16 (Fp16Linear). Logits are float32 either way.
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -132,24 +134,22 @@ class Int4Linear(torch.nn.Module):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _unpackable(self) -> bool:
-        """Whether _float32_weight_t can read this weight back (torch's packing: whole blocks
-        of 64 output rows only)."""
-        return self.q4 is not None or self.out_features % _PACK_BLOCK_ROWS == 0
+        """Whether _float32_weight_t can read this weight back (torch's packing: a layout it
+        knows, whole blocks of 64 output rows only)."""
+        if self.q4 is not None:
+            return True
+        return _int4pack_unpacker() is not None and self.out_features % _PACK_BLOCK_ROWS == 0
 
     def _float32_weight_t(self) -> torch.Tensor:
         """The weight the kernel multiplies by, transposed [K, N] float32, unpacked from the
-        kernel's layout into this thread's workspace (valid until the next call). The CPU
-        packing stores each block of 64 output rows as [2 halves, K, 16 bytes]: byte j of a
-        half holds row half*32 + j in its low nibble and row half*32 + 16 + j in its high."""
+        kernel's layout into this thread's workspace (valid until the next call)."""
         n, k = self.out_features, self.in_features
         if self.q4 is not None:
             return self.q4.dequantize_into(_float32_workspace(k * n)).t()
-        assert self.packed_weight is not None
-        packed = self.packed_weight.view(n // _PACK_BLOCK_ROWS, 2, k, 16).permute(2, 0, 1, 3)
+        unpack = _int4pack_unpacker()
+        assert self.packed_weight is not None and unpack is not None
         weight_t = _float32_workspace(k * n)
-        nibbles = weight_t.view(k, n // _PACK_BLOCK_ROWS, 2, 32)
-        nibbles[..., :16].copy_(packed & 15)
-        nibbles[..., 16:].copy_(packed >> 4)
+        unpack(self.packed_weight, weight_t.view(k, n // _PACK_BLOCK_ROWS, 2, 32))
         scales_and_zeros = self.scales_and_zeros.float()  # [K / 32, N, 2]
         scale = scales_and_zeros[..., 0].unsqueeze(1)
         offset = (scales_and_zeros[..., 1] - 8 * scales_and_zeros[..., 0]).unsqueeze(1)
@@ -281,6 +281,48 @@ def _int4_matmul(layer: Int4Linear, rows: torch.Tensor) -> torch.Tensor:
 
 
 _workspace = threading.local()
+
+
+# torch's CPU int4 packing differs by the instruction set its kernel dispatches to. Each unpacker
+# writes the nibbles of `packed` (N / 64 blocks of 64 output rows) into nibbles_t [K, N / 64, 2,
+# 32], where [k, block, h, j] is row block * 64 + h * 32 + j, input column k.
+Unpacker = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def _unpack_avx2(packed: torch.Tensor, nibbles_t: torch.Tensor) -> None:
+    """A block as [2 halves, K, 16 bytes]: byte j of half h holds row h * 32 + j in its low
+    nibble and row h * 32 + 16 + j in its high."""
+    k, blocks = nibbles_t.shape[:2]
+    by_column = packed.view(blocks, 2, k, 16).permute(2, 0, 1, 3)
+    nibbles_t[..., :16].copy_(by_column & 15)
+    nibbles_t[..., 16:].copy_(by_column >> 4)
+
+
+def _unpack_avx512(packed: torch.Tensor, nibbles_t: torch.Tensor) -> None:
+    """A block as [K, 32 bytes]: byte j holds row j in its low nibble and row 32 + j in its
+    high."""
+    k, blocks = nibbles_t.shape[:2]
+    by_column = packed.view(blocks, k, 32).permute(1, 0, 2)
+    nibbles_t[:, :, 0].copy_(by_column & 15)
+    nibbles_t[:, :, 1].copy_(by_column >> 4)
+
+
+@functools.cache
+def _int4pack_unpacker() -> Unpacker | None:
+    """The unpacker that reads back what torch packs on this machine (checked on a probe
+    weight), or None: then nothing is unpacked (big prefills stay on the int4 kernel)."""
+    rows, columns = 2 * _PACK_BLOCK_ROWS, 2 * GROUP_SIZE
+    q = torch.randint(0, 16, (rows, columns), generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    for unpack in (_unpack_avx2, _unpack_avx512):
+        nibbles_t = torch.empty(columns, rows // _PACK_BLOCK_ROWS, 2, 32)
+        try:
+            unpack(packed, nibbles_t)
+        except RuntimeError:  # not this layout's size
+            continue
+        if torch.equal(nibbles_t.view(columns, rows).t(), q.float()):
+            return unpack
+    return None
 
 
 def _float32_workspace(numel: int) -> torch.Tensor:
