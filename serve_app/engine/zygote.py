@@ -108,8 +108,9 @@ def _fork() -> int:
     """os.fork with every object so far out of the child's garbage collections (gc.freeze, as
     CPython's docs advise before a fork): a collection writes into each object it visits, so it
     would copy every page of the preloaded modules into the child. Measured with make run's
-    config after serving.py's load: SmolLM2's engine 356 -> 278 MB of its own pages, Gemma's
-    896 -> 821, the service's summed PSS 3718 -> 3564 MB (docs/benchmarks.md, session 29)."""
+    config after serving.py's load (benchmarks/service_memory.py, three paired runs): Gemma's
+    engine 66-84 MB fewer pages of its own, SmolLM2's 0-97 MB (when a full collection ran in
+    it), the service's summed PSS 59-154 MB lower (docs/benchmarks.md, session 29)."""
     gc.freeze()
     pid = os.fork()
     if pid == 0:
