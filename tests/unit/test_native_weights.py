@@ -160,8 +160,8 @@ print(torch.backends.cpu.get_cpu_capability())
 def test_torch_int4_weights_unpack_under_each_instruction_set_torch_packs_for(
     capability: str,
 ) -> None:
-    """torch packs int4 weights in another layout for AVX-512 than for AVX2 (each Xeon with
-    AVX-512 failed the exactness checks above with only the AVX2 layout known)."""
+    """torch packs int4 weights in another layout for AVX-512 than for AVX2 (an AVX-512 Xeon
+    failed the exactness checks above while only the AVX2 layout was known)."""
     levels, here = ["AVX2", "AVX512"], torch.backends.cpu.get_cpu_capability()
     if here not in levels or levels.index(here) < levels.index(capability):
         pytest.skip(f"this CPU runs torch's {here} kernels")

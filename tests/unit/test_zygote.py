@@ -215,7 +215,8 @@ os.waitpid(pid, 0)
 
 def test_a_forked_child_collects_garbage_but_never_visits_the_zygotes_objects() -> None:
     """A collection in the child writes into every object it visits, which would copy the
-    zygote's pages into each engine (docs/benchmarks.md, session 29: ~78 MB of SmolLM2's)."""
+    zygote's pages into each engine (docs/benchmarks.md, session 29: 59-154 MB of the service's
+    memory)."""
     probe = subprocess.run(
         [sys.executable, "-c", _FORK_PROBE],
         cwd=ROOT,
