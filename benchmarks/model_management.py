@@ -29,9 +29,9 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.service_memory import service_memory  # noqa: E402
 from tests.conftest import running_service  # noqa: E402
 from tests.integration.chat_stream import CHAT, Stream  # noqa: E402
-from tests.integration.ray_cluster import session_members  # noqa: E402
 
 GEMMA, EMBED, ADDED = "gemma-3-270m", "all-minilm-l6-v2", "minilm-added"
 ADDED_ENTRY = {
@@ -82,16 +82,7 @@ def wait_status(url: str, model_id: str, wanted: str, timeout_s: float = 300) ->
 
 
 def service_rss_mb(session_id: int) -> float:
-    total_kb = 0
-    for pid in session_members(session_id):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        total_kb += next(
-            (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0
-        )
-    return total_kb / 1024
+    return sum(process["rss"] for process in service_memory(session_id)) / 2**20
 
 
 def measure_cold_start(url: str, model_id: str, rounds: int) -> list[float]:

@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
 
 
 async def serve_load(base_url: str, rounds: int) -> None:
-    async with httpx.AsyncClient(timeout=300) as client:
+    async with httpx.AsyncClient(trust_env=False, timeout=300) as client:  # no proxy
         for concurrency, max_tokens, requests in WARMUP + ROUND * rounds:
             send = http_sender(client, base_url, targets.SMOLLM2_ID, max_tokens)
             row = await run_level(send, concurrency, requests, 300)
